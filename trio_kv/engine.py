@@ -1,0 +1,354 @@
+"""The cache engine: store, lookup and retrieve flows over L1, leases and the transfer layer.
+
+Plain objects touched only from the Trio thread. The only awaits are the byte
+copies (in worker threads) and the fault points tests use; every resource a
+flow takes is given back in a ``finally``, so a flow that fails, times out or
+is cancelled at any await leaves every count exactly where it was.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Awaitable, Callable, Sequence
+
+import msgspec
+import trio
+
+from . import __version__
+from .errors import ErrorCode, TrioKVError
+from .gpu import CopyJob, CpuTransfer, MappedKVCache
+from .keys import HashSessions, ObjectKey, RequestKey, effective_end, object_keys, validate_request_key
+from .l1 import Entry, L1Store
+from .leases import LeaseTable
+from .protocol import (
+    Clear,
+    Cleared,
+    EndSession,
+    InstanceInfo,
+    Limits,
+    Lookup,
+    LookupResult,
+    Registered,
+    RegisterKVCache,
+    Released,
+    ReleaseLookup,
+    Retrieve,
+    RetrieveResult,
+    SessionEnded,
+    StatusResult,
+    Store,
+    StoreResult,
+    Unregistered,
+    UnregisterKVCache,
+)
+
+FaultHook = Callable[[str], Awaitable[None]]
+MAX_INSTANCE_ID_CHARS = 256
+
+
+class EngineSettings(msgspec.Struct, frozen=True):
+    chunk_size: int = 256
+    lease_ttl_s: float = 60.0
+    session_ttl_s: float = 600.0
+    max_sessions: int = 65536
+    limits: Limits = Limits(
+        max_message_bytes=16 * 1024 * 1024,
+        max_tokens_per_key=1 << 20,
+        max_block_ids=1 << 20,
+        max_world_size=1024,
+    )
+
+
+class CacheEngine:
+    def __init__(
+        self,
+        settings: EngineSettings,
+        l1: L1Store,
+        transfer: CpuTransfer,
+        *,
+        faults: FaultHook | None = None,
+    ) -> None:
+        self.settings = settings
+        self.chunk_size = settings.chunk_size
+        self.l1 = l1
+        self.transfer = transfer
+        self.faults = faults
+        self.sessions = HashSessions(
+            settings.chunk_size, settings.session_ttl_s, settings.max_sessions, trio.current_time
+        )
+        self.leases = LeaseTable(l1)
+        self.instances: dict[str, MappedKVCache] = {}
+        self.started_at = time.monotonic()
+        self.requests_in_flight = 0
+        self._housekeeping_wakeup = trio.Event()
+        self._scheduled_expiry = math.inf
+
+    # ------------------------------------------------------------ registry
+
+    def register(self, request: RegisterKVCache) -> Registered:
+        """Map an engine's KV cache. Registering a known instance id replaces it."""
+        if not request.instance_id or len(request.instance_id) > MAX_INSTANCE_ID_CHARS:
+            raise TrioKVError(
+                ErrorCode.INVALID_ARGUMENT, f"instance_id must be 1..{MAX_INSTANCE_ID_CHARS} characters"
+            )
+        if request.block_size < 1 or self.chunk_size % request.block_size:
+            raise TrioKVError(
+                ErrorCode.BAD_REGISTRATION,
+                f"block_size {request.block_size} must divide the chunk size {self.chunk_size}",
+            )
+        cache = self.transfer.open(request)
+        self.instances[request.instance_id] = cache
+        return Registered(request.instance_id, cache.layout.num_blocks, cache.layout.block_bytes)
+
+    def unregister(self, request: UnregisterKVCache) -> Unregistered:
+        # Copies in flight keep their own reference to the mapping, so this is safe at any time.
+        return Unregistered(existed=self.instances.pop(request.instance_id, None) is not None)
+
+    def _instance(self, instance_id: str) -> MappedKVCache:
+        cache = self.instances.get(instance_id)
+        if cache is None:
+            raise TrioKVError(ErrorCode.UNKNOWN_INSTANCE, f"no KV cache registered as {instance_id!r}")
+        return cache
+
+    # ------------------------------------------------------------ checks
+
+    def _check_key(self, key: RequestKey, *, needs_rank: bool) -> None:
+        limits = self.settings.limits
+        if len(key.tokens) > limits.max_tokens_per_key:
+            raise TrioKVError(
+                ErrorCode.LIMIT_EXCEEDED,
+                f"{len(key.tokens)} tokens exceed the limit of {limits.max_tokens_per_key} per key",
+            )
+        if key.world_size > limits.max_world_size:
+            raise TrioKVError(
+                ErrorCode.LIMIT_EXCEEDED, f"world_size {key.world_size} exceeds {limits.max_world_size}"
+            )
+        validate_request_key(key, needs_rank=needs_rank)
+
+    def _check_blocks(self, block_ids: Sequence[int], cache: MappedKVCache) -> None:
+        if len(block_ids) > self.settings.limits.max_block_ids:
+            raise TrioKVError(
+                ErrorCode.LIMIT_EXCEEDED,
+                f"{len(block_ids)} block ids exceed the limit of {self.settings.limits.max_block_ids}",
+            )
+        if block_ids and (min(block_ids) < 0 or max(block_ids) >= cache.layout.num_blocks):
+            bad = next(b for b in block_ids if not 0 <= b < cache.layout.num_blocks)
+            raise TrioKVError(
+                ErrorCode.BLOCK_OUT_OF_RANGE,
+                f"block id {bad} outside 0..{cache.layout.num_blocks - 1} of this registration",
+            )
+
+    async def _fault_point(self, name: str) -> None:
+        if self.faults is not None:
+            await self.faults(name)
+
+    # ------------------------------------------------------------ flows
+
+    async def store(self, request: Store) -> StoreResult:
+        """Copy the full chunks of ``request.key`` that L1 lacks from the engine's blocks."""
+        key = request.key
+        self._check_key(key, needs_rank=True)
+        cache = self._instance(request.instance_id)
+        self._check_blocks(request.block_ids, cache)
+        blocks_per_chunk = self.chunk_size // cache.layout.block_size
+        n_chunks = min(effective_end(key), len(request.block_ids) * cache.layout.block_size)
+        n_chunks //= self.chunk_size
+        first = -(-key.start // self.chunk_size)
+        hashes = self.sessions.hashes(key, n_chunks * self.chunk_size)
+        assert key.rank is not None
+        chunk_bytes = cache.layout.chunk_bytes(blocks_per_chunk)
+
+        reserved: list[tuple[int, Entry]] = []
+        present = no_room = 0
+        committed = False
+        try:
+            for index, okey in enumerate(object_keys(key, hashes[first:], key.rank), start=first):
+                existing = self.l1.get(okey)
+                if existing is not None:
+                    present += 1
+                    self.l1.touch(existing)
+                    continue
+                entry = self.l1.reserve(okey, chunk_bytes)
+                if entry is None:
+                    # Later chunks are useless without this one: a lookup counts leading hits only.
+                    no_room = n_chunks - index
+                    break
+                reserved.append((index, entry))
+            await self._fault_point("store.before_copy")
+            if reserved:
+                jobs = [
+                    CopyJob(
+                        request.block_ids[i * blocks_per_chunk : (i + 1) * blocks_per_chunk],
+                        self.l1.view(entry),
+                    )
+                    for i, entry in reserved
+                ]
+                await self.transfer.store(cache, jobs)
+            await self._fault_point("store.after_copy")
+            for _, entry in reserved:
+                self.l1.commit(entry)
+            committed = True
+        finally:
+            if not committed:
+                for _, entry in reserved:
+                    self.l1.abort(entry)
+        return StoreResult(stored=len(reserved), skipped_present=present, skipped_no_room=no_room)
+
+    async def lookup(self, request: Lookup) -> LookupResult:
+        """Count the leading chunks held for every rank (or the key's rank) and lease them."""
+        key = request.key
+        self._check_key(key, needs_rank=False)
+        n_chunks = effective_end(key) // self.chunk_size
+        hashes = self.sessions.hashes(key, n_chunks * self.chunk_size)
+        await self._fault_point("lookup.before_scan")
+        ranks = range(key.world_size) if key.rank is None else (key.rank,)
+        hits: list[tuple[int, Entry]] = []
+        hit_chunks = 0
+        for index, chunk_hash in enumerate(hashes):
+            entries = [
+                self.l1.get_ready(ObjectKey(key.model, key.world_size, r, chunk_hash, key.cache_salt))
+                for r in ranks
+            ]
+            if any(e is None for e in entries):
+                break
+            for entry in entries:
+                assert entry is not None
+                self.l1.touch(entry)
+                hits.append((index, entry))
+            hit_chunks += 1
+        if key.request_id:
+            deadline = trio.current_time() + self.settings.lease_ttl_s
+            self.leases.grant((key.cache_salt, key.request_id), hits, deadline)
+            if deadline < self._scheduled_expiry:
+                self._housekeeping_wakeup.set()
+        return LookupResult(hit_tokens=hit_chunks * self.chunk_size, l1_chunks=hit_chunks)
+
+    async def retrieve(self, request: Retrieve) -> RetrieveResult:
+        """Copy the leading cached chunks into the engine's blocks, then end this rank's leases."""
+        key = request.key
+        self._check_key(key, needs_rank=True)
+        cache = self._instance(request.instance_id)
+        self._check_blocks(request.block_ids, cache)
+        block_size = cache.layout.block_size
+        skip = max(key.start, request.skip_first_n_tokens)
+        if skip % block_size:
+            raise TrioKVError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"tokens to skip ({skip}) must be a multiple of the block size {block_size}",
+            )
+        skip_blocks = skip // block_size
+        blocks_per_chunk = self.chunk_size // block_size
+        n_chunks = min(effective_end(key), len(request.block_ids) * block_size) // self.chunk_size
+        hashes = self.sessions.hashes(key, n_chunks * self.chunk_size)
+        assert key.rank is not None
+        keys = object_keys(key, hashes, key.rank)
+        chunk_bytes = cache.layout.chunk_bytes(blocks_per_chunk)
+
+        jobs: list[CopyJob] = []
+        readers: list[Entry] = []
+        hit_chunks = 0
+        try:
+            for index, okey in enumerate(keys):
+                first_block = index * blocks_per_chunk
+                if skip_blocks >= first_block + blocks_per_chunk:
+                    hit_chunks += 1  # the engine holds this chunk already
+                    continue
+                entry = self.l1.get_ready(okey)
+                if entry is None or entry.nbytes != chunk_bytes:
+                    break
+                self.l1.pin_reader(entry)
+                readers.append(entry)
+                jobs.append(
+                    CopyJob(
+                        request.block_ids[first_block : first_block + blocks_per_chunk],
+                        self.l1.view(entry),
+                        first_block=max(0, skip_blocks - first_block),
+                    )
+                )
+                hit_chunks += 1
+            await self._fault_point("retrieve.before_copy")
+            if jobs:
+                await self.transfer.retrieve(cache, jobs)
+            await self._fault_point("retrieve.after_copy")
+        finally:
+            for entry in readers:
+                self.l1.unpin_reader(entry)
+        if key.request_id:
+            self.leases.release_keys((key.cache_salt, key.request_id), keys)
+        return RetrieveResult(hit_tokens=hit_chunks * self.chunk_size, chunks_written=len(jobs))
+
+    def release(self, request: ReleaseLookup) -> Released:
+        end_chunk = None if request.end is None else request.end // self.chunk_size
+        start_chunk = -(-request.start // self.chunk_size)
+        released = self.leases.release_chunks(
+            (request.cache_salt, request.request_id), start_chunk, end_chunk
+        )
+        return Released(leases_released=released)
+
+    def end_session(self, request: EndSession) -> SessionEnded:
+        had = self.sessions.end(request.cache_salt, request.request_id)
+        released = self.leases.release_all((request.cache_salt, request.request_id))
+        return SessionEnded(leases_released=released, had_session=had)
+
+    def clear(self, request: Clear) -> Cleared:
+        if request.cache_salt is None:
+            self.leases.clear()
+            self.sessions.clear()
+        else:
+            self.leases.release_salt(request.cache_salt)
+        removed, freed = self.l1.clear(request.cache_salt)
+        return Cleared(entries_removed=removed, bytes_freed=freed)
+
+    def status(self) -> StatusResult:
+        return StatusResult(
+            server_version=__version__,
+            uptime_s=time.monotonic() - self.started_at,
+            chunk_size=self.chunk_size,
+            l1=self.l1.ledger.usage(),
+            l1_entries=len(self.l1),
+            leases=len(self.leases),
+            sessions=len(self.sessions),
+            instances=[
+                InstanceInfo(name, c.layout.num_blocks, c.layout.block_size, c.layout.block_bytes)
+                for name, c in sorted(self.instances.items())
+            ],
+            requests_in_flight=self.requests_in_flight,
+        )
+
+    # ------------------------------------------------------------ background
+
+    async def run_housekeeping(self) -> None:
+        """Expire leases at their deadlines. Sleeps until the next one; no polling."""
+        while True:
+            next_deadline = self.leases.next_deadline()
+            self._scheduled_expiry = math.inf if next_deadline is None else next_deadline
+            with trio.move_on_at(self._scheduled_expiry):
+                await self._housekeeping_wakeup.wait()
+            self._housekeeping_wakeup = trio.Event()
+            self.leases.expire(trio.current_time())
+
+    # ------------------------------------------------------------ audit
+
+    def audit(self) -> list[str]:
+        """Recount everything from the entries themselves; return each mismatch found."""
+        problems = []
+        entries = self.l1.entries()
+        recount: dict[str, int] = {}
+        for entry in entries:
+            recount[entry.key.cache_salt] = recount.get(entry.key.cache_salt, 0) + entry.size
+        if dict(self.l1.ledger.bytes_by_salt) != recount:
+            problems.append(f"ledger by salt {dict(self.l1.ledger.bytes_by_salt)} != recount {recount}")
+        if self.l1.ledger.total != sum(recount.values()):
+            problems.append(f"ledger total {self.l1.ledger.total} != recount {sum(recount.values())}")
+        if self.l1.allocator.used != sum(recount.values()):
+            problems.append(f"allocator used {self.l1.allocator.used} != recount {sum(recount.values())}")
+        lease_counts = self.leases.count_by_entry()
+        for entry in entries:
+            if entry.state.value != "ready":
+                problems.append(f"entry left half-written: {entry}")
+            if entry.readers:
+                problems.append(f"entry left with readers: {entry}")
+            if entry.leases != lease_counts.get(id(entry), 0):
+                problems.append(f"entry lease count {entry.leases} != lease table {lease_counts.get(id(entry), 0)}")
+        return problems

@@ -1,0 +1,208 @@
+"""Chunking, prefix hashing and object keys. Pure: no I/O, no clock of its own.
+
+A prompt's token ids are cut into chunks of ``chunk_size``; only full chunks
+count. Chunk *i*'s hash chains chunk *i-1*'s hash with chunk *i*'s tokens, so a
+chunk hash names the whole prefix that ends with it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from array import array
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Annotated
+
+import msgspec
+
+from .errors import ErrorCode, TrioKVError
+
+HASH_BYTES = 16  # blake2b-128
+ROOT_HASH = bytes(HASH_BYTES)
+MAX_SALT_CHARS = 128
+_FORBIDDEN_SALT_CHARS = ("@", "/", "\\", "\x00")
+
+TokenId = Annotated[int, msgspec.Meta(ge=0, lt=2**32)]
+
+
+class RequestKey(msgspec.Struct, array_like=True, frozen=True):
+    """What an engine sends to name a prompt: identity fields plus the token range of interest.
+
+    ``rank`` is None on scheduler-side lookups: the key then covers every rank.
+    ``request_id`` scopes leases and hash sessions; it is not part of identity.
+    """
+
+    model: str
+    world_size: int
+    rank: int | None
+    tokens: list[TokenId]
+    start: int = 0
+    end: int | None = None
+    request_id: str = ""
+    cache_salt: str = ""
+
+
+class ObjectKey(msgspec.Struct, frozen=True, cache_hash=True):
+    """The unit of storage: one chunk of one rank."""
+
+    model: str
+    world_size: int
+    rank: int
+    chunk_hash: bytes
+    cache_salt: str = ""
+
+
+def validate_salt(salt: str) -> str:
+    """Return ``salt`` if it is a valid tenant namespace, else raise BAD_SALT."""
+    if len(salt) > MAX_SALT_CHARS:
+        raise TrioKVError(
+            ErrorCode.BAD_SALT, f"cache_salt is {len(salt)} characters; at most {MAX_SALT_CHARS}"
+        )
+    for char in _FORBIDDEN_SALT_CHARS:
+        if char in salt:
+            raise TrioKVError(
+                ErrorCode.BAD_SALT, f"cache_salt must not contain {char!r} (got {salt!r})"
+            )
+    return salt
+
+
+def validate_request_key(key: RequestKey, *, needs_rank: bool) -> None:
+    """Check identity fields and the token range; raise a typed error on bad input."""
+    validate_salt(key.cache_salt)
+    if key.world_size < 1:
+        raise TrioKVError(ErrorCode.INVALID_ARGUMENT, f"world_size must be >= 1, got {key.world_size}")
+    if key.rank is None:
+        if needs_rank:
+            raise TrioKVError(ErrorCode.INVALID_ARGUMENT, "this request needs a worker rank")
+    elif not 0 <= key.rank < key.world_size:
+        raise TrioKVError(
+            ErrorCode.INVALID_ARGUMENT, f"rank {key.rank} outside world of size {key.world_size}"
+        )
+    end = effective_end(key)
+    if not 0 <= key.start <= end <= len(key.tokens):
+        raise TrioKVError(
+            ErrorCode.INVALID_ARGUMENT,
+            f"token range [{key.start}, {key.end}) is not inside 0..{len(key.tokens)}",
+        )
+
+
+def effective_end(key: RequestKey) -> int:
+    return len(key.tokens) if key.end is None else key.end
+
+
+def pack_tokens(tokens: Sequence[int]) -> bytes:
+    """Token ids as little-endian uint32, the byte form that is hashed."""
+    packed = array("I", tokens)
+    if sys.byteorder != "little":
+        packed.byteswap()
+    return packed.tobytes()
+
+
+def chain_hashes(packed: bytes, chunk_size: int, prev: bytes = ROOT_HASH, first: int = 0) -> list[bytes]:
+    """Prefix hashes of the full chunks of ``packed`` from chunk ``first`` on, chained from ``prev``."""
+    step = chunk_size * 4
+    hashes = []
+    for offset in range(first * step, len(packed) - step + 1, step):
+        digest = hashlib.blake2b(prev, digest_size=HASH_BYTES)
+        digest.update(packed[offset : offset + step])
+        prev = digest.digest()
+        hashes.append(prev)
+    return hashes
+
+
+def chunk_hashes(tokens: Sequence[int], chunk_size: int) -> list[bytes]:
+    """Prefix hashes of every full chunk of ``tokens``."""
+    return chain_hashes(pack_tokens(tokens), chunk_size)
+
+
+def object_keys(key: RequestKey, hashes: Sequence[bytes], rank: int) -> list[ObjectKey]:
+    """One object key per chunk hash, for one rank."""
+    return [ObjectKey(key.model, key.world_size, rank, h, key.cache_salt) for h in hashes]
+
+
+def all_rank_keys(key: RequestKey, chunk_hash: bytes) -> list[ObjectKey]:
+    """The object keys of one chunk across every rank of the world (one chunk of a rank-less key)."""
+    return [
+        ObjectKey(key.model, key.world_size, rank, chunk_hash, key.cache_salt)
+        for rank in range(key.world_size)
+    ]
+
+
+def expand_ranks(key: RequestKey, hashes: Sequence[bytes]) -> list[ObjectKey]:
+    """Object keys for a rank-less key: every rank of every chunk, chunk-major."""
+    return [k for h in hashes for k in all_rank_keys(key, h)]
+
+
+class _Session:
+    __slots__ = ("deadline", "hashes", "packed")
+
+    def __init__(self, packed: bytes, hashes: list[bytes], deadline: float) -> None:
+        self.packed = packed
+        self.hashes = hashes
+        self.deadline = deadline
+
+
+class HashSessions:
+    """Per-request caches of running prefix hashes, so repeated calls hash only new tokens.
+
+    A session is keyed by (cache_salt, request_id) and expires ``ttl`` seconds
+    after its last use; at most ``max_sessions`` are kept (least recent dropped).
+    """
+
+    def __init__(
+        self, chunk_size: int, ttl: float, max_sessions: int, clock: Callable[[], float]
+    ) -> None:
+        self.chunk_size = chunk_size
+        self.ttl = ttl
+        self.max_sessions = max_sessions
+        self._clock = clock
+        self._sessions: OrderedDict[tuple[str, str], _Session] = OrderedDict()
+        self.chunks_hashed = 0  # total chunk hashes computed: lets tests see the cache work
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def hashes(self, key: RequestKey, end: int) -> list[bytes]:
+        """Prefix hashes of the full chunks of ``key.tokens[:end]``."""
+        n_full = end // self.chunk_size
+        packed = pack_tokens(key.tokens[: n_full * self.chunk_size])
+        now = self._clock()
+        self._expire(now)
+        if not key.request_id:
+            self.chunks_hashed += n_full
+            return chain_hashes(packed, self.chunk_size)
+        session_key = (key.cache_salt, key.request_id)
+        session = self._sessions.pop(session_key, None)
+        if session is None or not (
+            packed.startswith(session.packed) or session.packed.startswith(packed)
+        ):
+            # New request, or its tokens changed: start over.
+            session = _Session(b"", [], now)
+        if len(packed) > len(session.packed):
+            known = len(session.hashes)
+            prev = session.hashes[-1] if known else ROOT_HASH
+            new = chain_hashes(packed, self.chunk_size, prev, first=known)
+            self.chunks_hashed += len(new)
+            session.hashes = session.hashes + new
+            session.packed = packed
+        session.deadline = now + self.ttl
+        self._sessions[session_key] = session
+        while len(self._sessions) > self.max_sessions:
+            self._sessions.popitem(last=False)
+        return session.hashes[:n_full]
+
+    def end(self, cache_salt: str, request_id: str) -> bool:
+        """Forget a request's session; True if there was one."""
+        return self._sessions.pop((cache_salt, request_id), None) is not None
+
+    def clear(self) -> None:
+        self._sessions.clear()
+
+    def _expire(self, now: float) -> None:
+        # Sessions are kept in last-use order, so expired ones are at the front.
+        while self._sessions:
+            first = next(iter(self._sessions.values()))
+            if first.deadline > now:
+                break
+            self._sessions.popitem(last=False)

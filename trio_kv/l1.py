@@ -1,0 +1,245 @@
+"""L1: chunks in one CPU-memory arena, with states, pins, LRU eviction and per-salt accounting.
+
+Touched only from the Trio thread, so it takes no locks. Bytes are copied in
+and out by the transfer layer through the views this module hands out.
+
+Entry life: ``reserve`` (state WRITING, bytes charged) -> ``commit`` (READY,
+evictable when unpinned) or ``abort`` (freed). Readers and leases pin an entry;
+only READY entries without pins are evicted. ``clear`` frees what it can at
+once and marks pinned or half-written entries *doomed*: they leave the index
+at once and their bytes are freed when the last pin goes.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+import trio
+
+from .allocator import ExtentAllocator
+from .keys import ObjectKey
+from .ledger import ByteLedger
+
+log = logging.getLogger(__name__)
+
+
+class EntryState(enum.Enum):
+    WRITING = "writing"
+    READY = "ready"
+
+
+class Entry:
+    __slots__ = ("doomed", "key", "leases", "nbytes", "offset", "readers", "size", "state")
+
+    def __init__(self, key: ObjectKey, offset: int, size: int, nbytes: int) -> None:
+        self.key = key
+        self.offset = offset
+        self.size = size  # bytes taken in the arena (aligned)
+        self.nbytes = nbytes  # payload bytes
+        self.state = EntryState.WRITING
+        self.leases = 0
+        self.readers = 0
+        self.doomed = False
+
+    @property
+    def pinned(self) -> bool:
+        return self.leases > 0 or self.readers > 0
+
+    def __repr__(self) -> str:
+        return (
+            f"Entry({self.state.value}, offset={self.offset}, size={self.size}, "
+            f"leases={self.leases}, readers={self.readers}, doomed={self.doomed})"
+        )
+
+
+class L1Store:
+    def __init__(
+        self,
+        capacity: int,
+        *,
+        high_watermark: float = 0.95,
+        low_watermark: float = 0.90,
+        arena: torch.Tensor | None = None,
+        alignment: int = 4096,
+    ) -> None:
+        if not 0.0 < low_watermark <= high_watermark <= 1.0:
+            raise ValueError("watermarks must satisfy 0 < low <= high <= 1")
+        self.allocator = ExtentAllocator(capacity, alignment)
+        self.capacity = self.allocator.capacity
+        self.arena = (
+            arena if arena is not None else torch.empty(self.capacity, dtype=torch.uint8)
+        )
+        if self.arena.numel() < self.capacity:
+            raise ValueError("arena is smaller than the capacity")
+        self.ledger = ByteLedger(self.capacity)
+        self.high_watermark = high_watermark
+        self.low_watermark = low_watermark
+        self._entries: dict[ObjectKey, Entry] = {}
+        self._evictable: OrderedDict[ObjectKey, Entry] = OrderedDict()  # least recent first
+        self._doomed: set[Entry] = set()
+        self._watermark_wakeup = trio.Event()
+        self.evictions = 0
+        self.eviction_listeners: list[Callable[[Entry, str], None]] = []
+
+    # ------------------------------------------------------------ queries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: ObjectKey) -> bool:
+        return key in self._entries
+
+    def get(self, key: ObjectKey) -> Entry | None:
+        return self._entries.get(key)
+
+    def get_ready(self, key: ObjectKey) -> Entry | None:
+        entry = self._entries.get(key)
+        return entry if entry is not None and entry.state is EntryState.READY else None
+
+    def view(self, entry: Entry) -> torch.Tensor:
+        """The entry's payload bytes in the arena."""
+        return self.arena[entry.offset : entry.offset + entry.nbytes]
+
+    def entries(self) -> list[Entry]:
+        """Every live entry plus doomed ones still holding bytes (for audits)."""
+        return [*self._entries.values(), *self._doomed]
+
+    # ------------------------------------------------------------ writing
+
+    def reserve(self, key: ObjectKey, nbytes: int) -> Entry | None:
+        """Take room for a new chunk (evicting LRU chunks if needed); None if it cannot fit."""
+        if key in self._entries:
+            raise KeyError(f"{key} is already present")
+        size = self.allocator.rounded(nbytes)
+        if size > self.capacity:
+            return None
+        offset = self.allocator.allocate(size)
+        while offset is None and self._evictable:
+            self._evict_one("capacity")
+            offset = self.allocator.allocate(size)
+        if offset is None:
+            return None
+        entry = Entry(key, offset, size, nbytes)
+        self._entries[key] = entry
+        self.ledger.charge(key.cache_salt, size)
+        if self.allocator.used > self.high_watermark * self.capacity:
+            self._watermark_wakeup.set()
+        return entry
+
+    def commit(self, entry: Entry) -> None:
+        """WRITING -> READY. A doomed entry is freed instead."""
+        if entry.state is not EntryState.WRITING:
+            raise ValueError(f"commit of an entry that is not being written: {entry}")
+        entry.state = EntryState.READY
+        if entry.doomed:
+            self._release_doomed(entry)
+        else:
+            self._evictable[entry.key] = entry
+
+    def abort(self, entry: Entry) -> None:
+        """Free a reservation whose copy failed or was cancelled."""
+        if entry.state is not EntryState.WRITING:
+            raise ValueError(f"abort of an entry that is not being written: {entry}")
+        if entry.doomed:
+            self._release_doomed(entry)
+        else:
+            self._free(entry)
+
+    # ------------------------------------------------------------ pins
+
+    def touch(self, entry: Entry) -> None:
+        """Mark as most recently used."""
+        if entry.key in self._evictable and self._evictable[entry.key] is entry:
+            self._evictable.move_to_end(entry.key)
+
+    def pin_reader(self, entry: Entry) -> None:
+        self._pin(entry)
+        entry.readers += 1
+
+    def unpin_reader(self, entry: Entry) -> None:
+        if entry.readers <= 0:
+            raise ValueError(f"reader unpin without a pin: {entry}")
+        entry.readers -= 1
+        self._after_unpin(entry)
+
+    def add_lease(self, entry: Entry) -> None:
+        self._pin(entry)
+        entry.leases += 1
+
+    def drop_lease(self, entry: Entry) -> None:
+        if entry.leases <= 0:
+            raise ValueError(f"lease drop without a lease: {entry}")
+        entry.leases -= 1
+        self._after_unpin(entry)
+
+    def _pin(self, entry: Entry) -> None:
+        if entry.state is not EntryState.READY:
+            raise ValueError(f"only ready entries can be pinned: {entry}")
+        if self._evictable.get(entry.key) is entry:
+            del self._evictable[entry.key]
+
+    def _after_unpin(self, entry: Entry) -> None:
+        if entry.pinned:
+            return
+        if entry.doomed:
+            self._release_doomed(entry)
+        elif self._entries.get(entry.key) is entry:
+            self._evictable[entry.key] = entry  # just used: most recent
+
+    # ------------------------------------------------------------ eviction
+
+    def evict_to(self, target_used: int, reason: str = "watermark") -> int:
+        """Evict LRU chunks until at most ``target_used`` bytes are used; returns how many."""
+        count = 0
+        while self.allocator.used > target_used and self._evictable:
+            self._evict_one(reason)
+            count += 1
+        return count
+
+    async def run_watermark_eviction(self) -> None:
+        """Background task: when usage passes the high watermark, evict down to the low one."""
+        while True:
+            await self._watermark_wakeup.wait()
+            self._watermark_wakeup = trio.Event()
+            self.evict_to(int(self.low_watermark * self.capacity))
+
+    def clear(self, salt: str | None = None) -> tuple[int, int]:
+        """Remove every chunk (of one salt, or all). Returns (entries removed, bytes freed now)."""
+        removed = freed = 0
+        for key, entry in list(self._entries.items()):
+            if salt is not None and key.cache_salt != salt:
+                continue
+            removed += 1
+            if entry.state is EntryState.WRITING or entry.readers > 0:
+                del self._entries[key]
+                self._evictable.pop(key, None)
+                entry.doomed = True
+                self._doomed.add(entry)
+            else:
+                freed += entry.size
+                self._free(entry)
+        return removed, freed
+
+    def _evict_one(self, reason: str) -> None:
+        _, entry = self._evictable.popitem(last=False)
+        self.evictions += 1
+        self._free(entry)
+        for listener in self.eviction_listeners:
+            listener(entry, reason)
+
+    def _free(self, entry: Entry) -> None:
+        del self._entries[entry.key]
+        self._evictable.pop(entry.key, None)
+        self._release_bytes(entry)
+
+    def _release_doomed(self, entry: Entry) -> None:
+        self._doomed.discard(entry)
+        self._release_bytes(entry)
+
+    def _release_bytes(self, entry: Entry) -> None:
+        self.allocator.free(entry.offset)
+        self.ledger.release(entry.key.cache_salt, entry.size)

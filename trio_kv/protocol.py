@@ -1,0 +1,284 @@
+"""Wire protocol: msgspec-msgpack tagged unions of request and reply structs. Pure: no sockets.
+
+Every message is one msgpack array whose first element is the kind tag. New
+fields are only ever appended, with defaults, so older peers keep working.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+import msgspec
+
+from .errors import ErrorCode, TrioKVError
+from .keys import RequestKey
+from .ledger import AdapterUsage
+
+PROTOCOL_VERSION = 1
+
+
+class _Message(msgspec.Struct, array_like=True, tag_field="kind", omit_defaults=False):
+    pass
+
+
+# ---------------------------------------------------------------- requests
+
+
+class Hello(_Message, tag="hello"):
+    protocol_version: int
+    client_name: str = ""
+
+
+class Ping(_Message, tag="ping"):
+    pass
+
+
+class TensorSpec(msgspec.Struct, array_like=True, frozen=True):
+    """One KV tensor inside a registered region.
+
+    ``offset`` is in bytes from the region start; ``strides`` are in elements,
+    as torch reports them; ``block_dim`` is the dimension that indexes blocks.
+    """
+
+    offset: int
+    dtype: str
+    shape: list[int]
+    strides: list[int]
+    block_dim: int
+
+
+class RegisterKVCache(_Message, tag="register"):
+    """Register an engine's KV cache. On the CPU path the tensors live in one shared-memory file."""
+
+    instance_id: str
+    block_size: int  # tokens per block
+    tensors: list[TensorSpec]
+    shm_path: str
+    shm_bytes: int
+
+
+class UnregisterKVCache(_Message, tag="unregister"):
+    instance_id: str
+
+
+class Store(_Message, tag="store"):
+    """Copy the KV of ``key``'s full chunks from the instance's blocks into the cache.
+
+    ``block_ids[j]`` holds tokens ``[j*block_size, (j+1)*block_size)`` of the
+    prompt. Chunks that start before ``key.start`` are not stored.
+    """
+
+    instance_id: str
+    key: RequestKey
+    block_ids: list[int]
+
+
+class Lookup(_Message, tag="lookup"):
+    """How many leading tokens of ``key`` are held? Hits are leased to the request id."""
+
+    key: RequestKey
+
+
+class Retrieve(_Message, tag="retrieve"):
+    """Copy cached chunks into the instance's blocks, leaving tokens before
+    ``max(key.start, skip_first_n_tokens)`` untouched."""
+
+    instance_id: str
+    key: RequestKey
+    block_ids: list[int]
+    skip_first_n_tokens: int = 0
+
+
+class ReleaseLookup(_Message, tag="release"):
+    """Release a request's leases on chunks inside tokens ``[start, end)`` (end None: all)."""
+
+    request_id: str
+    cache_salt: str = ""
+    start: int = 0
+    end: int | None = None
+
+
+class EndSession(_Message, tag="end_session"):
+    request_id: str
+    cache_salt: str = ""
+
+
+class Clear(_Message, tag="clear"):
+    """Drop cached chunks: every salt when ``cache_salt`` is None."""
+
+    cache_salt: str | None = None
+
+
+class Status(_Message, tag="status"):
+    pass
+
+
+Request = Union[
+    Hello,
+    Ping,
+    RegisterKVCache,
+    UnregisterKVCache,
+    Store,
+    Lookup,
+    Retrieve,
+    ReleaseLookup,
+    EndSession,
+    Clear,
+    Status,
+]
+REQUEST_KINDS = frozenset(t.__struct_config__.tag for t in Request.__args__)  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------- replies
+
+
+class Limits(msgspec.Struct, array_like=True, frozen=True):
+    max_message_bytes: int
+    max_tokens_per_key: int
+    max_block_ids: int
+    max_world_size: int
+
+
+class HelloOk(_Message, tag="hello_ok"):
+    protocol_version: int
+    server_version: str
+    chunk_size: int
+    limits: Limits
+
+
+class Pong(_Message, tag="pong"):
+    pass
+
+
+class Registered(_Message, tag="registered"):
+    instance_id: str
+    num_blocks: int
+    block_bytes: int  # bytes per block across every tensor
+
+
+class Unregistered(_Message, tag="unregistered"):
+    existed: bool
+
+
+class StoreResult(_Message, tag="stored"):
+    """Chunk counts: written now, already present (or being written), skipped for lack of room."""
+
+    stored: int
+    skipped_present: int
+    skipped_no_room: int
+
+
+class LookupResult(_Message, tag="looked_up"):
+    hit_tokens: int
+    l1_chunks: int
+    l2_chunks: int = 0
+
+
+class RetrieveResult(_Message, tag="retrieved"):
+    """``hit_tokens``: leading tokens valid in the engine's blocks after this call
+    (chunks it already held count); ``chunks_written``: chunks whose bytes were copied."""
+
+    hit_tokens: int
+    chunks_written: int
+
+
+class Released(_Message, tag="released"):
+    leases_released: int
+
+
+class SessionEnded(_Message, tag="session_ended"):
+    leases_released: int
+    had_session: bool
+
+
+class Cleared(_Message, tag="cleared"):
+    entries_removed: int
+    bytes_freed: int
+
+
+class InstanceInfo(msgspec.Struct, array_like=True, frozen=True):
+    instance_id: str
+    num_blocks: int
+    block_size: int
+    block_bytes: int
+
+
+class StatusResult(_Message, tag="status_ok"):
+    server_version: str
+    uptime_s: float
+    chunk_size: int
+    l1: AdapterUsage
+    l1_entries: int
+    leases: int
+    sessions: int
+    instances: list[InstanceInfo]
+    requests_in_flight: int
+
+
+class Error(_Message, tag="error"):
+    code: int
+    message: str
+
+
+Reply = Union[
+    HelloOk,
+    Pong,
+    Registered,
+    Unregistered,
+    StoreResult,
+    LookupResult,
+    RetrieveResult,
+    Released,
+    SessionEnded,
+    Cleared,
+    StatusResult,
+    Error,
+]
+
+_encoder = msgspec.msgpack.Encoder()
+_request_decoder = msgspec.msgpack.Decoder(Request)
+_reply_decoder = msgspec.msgpack.Decoder(Reply)
+
+
+def encode(message: Any) -> bytes:
+    return _encoder.encode(message)
+
+
+def decode_request(buf: bytes, max_message_bytes: int) -> Request:
+    """Decode one request, or raise a typed error saying why it is not one.
+
+    The size is checked before decoding, so an oversized message allocates nothing.
+    """
+    if len(buf) > max_message_bytes:
+        raise TrioKVError(
+            ErrorCode.MESSAGE_TOO_LARGE,
+            f"message of {len(buf)} bytes exceeds the limit of {max_message_bytes}",
+        )
+    try:
+        return _request_decoder.decode(buf)
+    except msgspec.ValidationError as exc:
+        raise _classify(buf, exc) from None
+    except msgspec.DecodeError as exc:
+        raise TrioKVError(ErrorCode.BAD_REQUEST, f"not a msgpack message: {exc}") from None
+
+
+def _classify(buf: bytes, exc: msgspec.ValidationError) -> TrioKVError:
+    """Tell an unknown request kind from a malformed known one."""
+    try:
+        raw = msgspec.msgpack.decode(buf)
+    except msgspec.DecodeError:  # pragma: no cover - the typed decode already parsed it
+        raw = None
+    if isinstance(raw, list) and raw and isinstance(raw[0], str) and raw[0] not in REQUEST_KINDS:
+        return TrioKVError(
+            ErrorCode.UNKNOWN_REQUEST,
+            f"unknown request kind {raw[0][:64]!r}; this server knows {sorted(REQUEST_KINDS)}",
+        )
+    return TrioKVError(ErrorCode.BAD_REQUEST, f"malformed request: {exc}")
+
+
+def decode_reply(buf: bytes) -> Reply:
+    return _reply_decoder.decode(buf)
+
+
+def error_reply(error: TrioKVError) -> Error:
+    return Error(code=int(error.code), message=error.message)
