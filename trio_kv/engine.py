@@ -139,6 +139,19 @@ class CacheEngine:
                 f"block id {bad} outside 0..{cache.layout.num_blocks - 1} of this registration",
             )
 
+    async def _copy(
+        self,
+        copy: Callable[[MappedKVCache, Sequence[CopyJob]], Awaitable[None]],
+        cache: MappedKVCache,
+        jobs: Sequence[CopyJob],
+    ) -> None:
+        try:
+            await copy(cache, jobs)
+        except TrioKVError:
+            raise
+        except Exception as exc:
+            raise TrioKVError(ErrorCode.TRANSFER_FAILED, f"copy failed: {type(exc).__name__}: {exc}") from exc
+
     async def _fault_point(self, name: str) -> None:
         if self.faults is not None:
             await self.faults(name)
@@ -184,7 +197,7 @@ class CacheEngine:
                     )
                     for i, entry in reserved
                 ]
-                await self.transfer.store(cache, jobs)
+                await self._copy(self.transfer.store, cache, jobs)
             await self._fault_point("store.after_copy")
             for _, entry in reserved:
                 self.l1.commit(entry)
@@ -269,7 +282,7 @@ class CacheEngine:
                 hit_chunks += 1
             await self._fault_point("retrieve.before_copy")
             if jobs:
-                await self.transfer.retrieve(cache, jobs)
+                await self._copy(self.transfer.retrieve, cache, jobs)
             await self._fault_point("retrieve.after_copy")
         finally:
             for entry in readers:

@@ -103,6 +103,7 @@ class Server:
         self._idle = trio.Event()
         self._idle.set()
         self._sockets: list[pynng.Rep0] = []
+        self._socket_files: list[str] = []
         self._cancel_scope: trio.CancelScope | None = None
         handlers: dict[type, Callable[[Any], Awaitable[Any] | Any]] = {
             Hello: self._hello,
@@ -153,6 +154,7 @@ class Server:
         self._sockets.append(sock)
         sock.listen(url)
         if path is not None:
+            self._socket_files.append(path)
             os.chmod(path, 0o600)
         return sock
 
@@ -160,11 +162,15 @@ class Server:
         for sock in self._sockets:
             sock.close()
         self._sockets.clear()
-        for url in self.config.listen:
-            path = ipc_path(url)
-            if path is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
+        # Only files this server created: a refused start must not unlink a live server's socket.
+        for path in self._socket_files:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        self._socket_files.clear()
+
+    async def wait_idle(self) -> None:
+        """Return once no request is being handled."""
+        await self._idle.wait()
 
     async def shutdown(self, grace_s: float = 5.0) -> None:
         """Answer new requests with SHUTTING_DOWN, wait for in-flight ones (up to ``grace_s``), stop."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import stat
@@ -63,10 +64,8 @@ class SharedKVCache:
         return b"".join(parts)
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
-        except FileNotFoundError:
-            pass
 
     def __enter__(self) -> SharedKVCache:
         return self
@@ -95,6 +94,7 @@ def create_shared_kv_cache(
     ``(num_blocks, num_layers, 2, block_size, num_kv_heads, head_size)`` (one piece per block).
     ``fill`` is "random" or "zeros".
     """
+    shapes: list[tuple[int, ...]]
     if layout == "per_layer":
         shapes = [(2, num_blocks, block_size, num_kv_heads, head_size)] * num_layers
         block_dim = 1

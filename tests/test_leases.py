@@ -1,0 +1,82 @@
+"""Leases pin L1 entries for a request until released, replaced, or expired."""
+
+from trio_kv.keys import ObjectKey
+from trio_kv.l1 import L1Store
+from trio_kv.leases import LeaseTable
+
+CHUNK = 4096
+OWNER = ("salt", "req-1")
+
+
+def make(n_entries: int):
+    l1 = L1Store(16 * CHUNK)
+    entries = []
+    for n in range(n_entries):
+        entry = l1.reserve(ObjectKey("m", 1, 0, bytes([n]) * 16, "salt"), CHUNK)
+        l1.commit(entry)
+        entries.append(entry)
+    return l1, LeaseTable(l1), entries
+
+
+def test_grant_pins_each_entry_once():
+    _, leases, entries = make(2)
+    assert leases.grant(OWNER, [(0, entries[0]), (1, entries[1]), (1, entries[1])], 10.0) == 2
+    assert [e.leases for e in entries] == [1, 1]
+    assert len(leases) == 2
+
+
+def test_a_new_grant_replaces_the_old_set_without_unpinning_shared_entries():
+    l1, leases, entries = make(3)
+    leases.grant(OWNER, [(0, entries[0]), (1, entries[1])], 10.0)
+    leases.grant(OWNER, [(0, entries[1]), (1, entries[2])], 10.0)
+    assert [e.leases for e in entries] == [0, 1, 1]
+    assert len(leases) == 2
+    del l1
+
+
+def test_release_chunks_releases_only_the_range():
+    _, leases, entries = make(3)
+    leases.grant(OWNER, list(enumerate(entries)), 10.0)
+    assert leases.release_chunks(OWNER, 0, 2) == 2
+    assert [e.leases for e in entries] == [0, 0, 1]
+    assert leases.release_chunks(OWNER, 0, None) == 1
+    assert leases.owners() == 0
+
+
+def test_release_keys_of_another_owner_releases_nothing():
+    _, leases, entries = make(1)
+    leases.grant(OWNER, [(0, entries[0])], 10.0)
+    assert leases.release_keys(("salt", "other"), [entries[0].key]) == 0
+    assert leases.release_keys(("", "req-1"), [entries[0].key]) == 0
+    assert entries[0].leases == 1
+
+
+def test_expire_releases_sets_whose_deadline_passed():
+    _, leases, entries = make(2)
+    leases.grant(("s", "early"), [(0, entries[0])], 5.0)
+    leases.grant(("s", "late"), [(0, entries[1])], 50.0)
+    assert leases.next_deadline() == 5.0
+    assert leases.expire(4.9) == 0
+    assert leases.expire(5.0) == 1
+    assert [e.leases for e in entries] == [0, 1]
+    assert leases.next_deadline() == 50.0
+    assert leases.expired == 1
+
+
+def test_a_regrant_moves_the_deadline():
+    _, leases, entries = make(1)
+    leases.grant(OWNER, [(0, entries[0])], 5.0)
+    leases.grant(OWNER, [(0, entries[0])], 20.0)
+    assert leases.expire(10.0) == 0
+    assert entries[0].leases == 1
+    assert leases.next_deadline() == 20.0
+
+
+def test_release_salt_and_clear():
+    _, leases, entries = make(2)
+    leases.grant(("a", "r"), [(0, entries[0])], 5.0)
+    leases.grant(("b", "r"), [(0, entries[1])], 5.0)
+    assert leases.release_salt("a") == 1
+    assert leases.clear() == 1
+    assert [e.leases for e in entries] == [0, 0]
+    assert leases.next_deadline() is None
