@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 
 _UNITS = {
     "": 1,
@@ -34,7 +35,8 @@ def parse_size(text: str | int) -> int:
     match = _SIZE_RE.match(text)
     if match is None or match.group(2).lower() not in _UNITS:
         raise ValueError(f"not a size: {text!r} (examples: 4096, 512MiB, 8GiB, 1.5G)")
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    # Exact arithmetic: through a float, '2.01KB' became 2009 and large integers lost digits.
+    return int(Fraction(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
 def format_size(nbytes: int) -> str:

@@ -101,9 +101,14 @@ def _segments_of(index: int, spec: TensorSpec, region_bytes: int) -> tuple[int, 
         for idx in itertools.product(*(range(n) for n, _ in outer))
     ]
     offsets.sort()
-    if all(b - a == piece_bytes for a, b in zip(offsets, offsets[1:])):
+    if any(b - a < piece_bytes for a, b in itertools.pairwise(offsets)):
+        raise _bad(f"{name}: the pieces of one block overlap (the dims before block_dim alias)")
+    if all(b - a == piece_bytes for a, b in itertools.pairwise(offsets)):
         # Back-to-back pieces: one piece per block.
-        return num_blocks, [Segment(offsets[0], block_stride, piece_bytes * len(offsets))]
+        merged = piece_bytes * len(offsets)
+        if num_blocks > 1 and block_stride < merged:
+            raise _bad(f"{name}: blocks overlap (block stride {block_stride} < {merged} bytes per block)")
+        return num_blocks, [Segment(offsets[0], block_stride, merged)]
     return num_blocks, [Segment(o, block_stride, piece_bytes) for o in offsets]
 
 

@@ -1,0 +1,35 @@
+"""Background work: leases expire at their deadline (the backstop for vanished clients)."""
+
+import trio
+
+from trio_kv.engine import CacheEngine, EngineSettings
+from trio_kv.gpu import CpuTransfer
+from trio_kv.keys import RequestKey
+from trio_kv.l1 import L1Store
+from trio_kv.protocol import Lookup, Store
+from trio_kv.testing import make_kv_cache
+
+CHUNK = 32
+TOKENS = list(range(2 * CHUNK))
+
+
+async def test_leases_expire_at_their_deadline_and_not_before(autojump_clock):
+    with make_kv_cache(num_blocks=16, block_size=16) as kv:
+        engine = CacheEngine(EngineSettings(chunk_size=CHUNK, lease_ttl_s=30), L1Store(1 << 22), CpuTransfer())
+        engine.register(kv.register_request("w"))
+        await engine.store(Store("w", RequestKey("m", 1, 0, TOKENS), [0, 1, 2, 3]))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(engine.run_housekeeping)
+            await engine.lookup(Lookup(RequestKey("m", 1, None, TOKENS, request_id="gone")))
+            assert len(engine.leases) == 2
+            await trio.sleep(29.9)
+            assert len(engine.leases) == 2
+            await trio.sleep(0.2)
+            assert len(engine.leases) == 0
+            assert engine.leases.expired == 2
+            # Expired chunks are ordinary cached chunks again: evictable, still hit.
+            assert all(not e.pinned for e in engine.l1.entries())
+            found = await engine.lookup(Lookup(RequestKey("m", 1, None, TOKENS)))
+            assert found.hit_tokens == 2 * CHUNK
+            nursery.cancel_scope.cancel()
+        assert engine.audit() == []
