@@ -11,7 +11,10 @@ from trio_kv.keys import RequestKey
 url = os.environ.get("TRIO_KV_URL", "ipc:///tmp/trio-kv.sock")
 
 # The engine's KV cache: 2 layers of (2, num_blocks, block_size, kv_heads, head_size) bf16.
-with create_shared_kv_cache(num_blocks=64, block_size=16, num_layers=2) as kv, BlockingClient.connect(url) as client:
+with (
+    create_shared_kv_cache(num_blocks=64, block_size=16, num_layers=2) as kv,
+    BlockingClient.connect(url) as client,
+):
     client.register_kv_cache("engine-0", kv)
     chunk = client.chunk_size  # 256 tokens by default: 16 blocks of 16 tokens
     tokens = [random.randrange(32_000) for _ in range(2 * chunk)]

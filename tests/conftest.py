@@ -20,7 +20,9 @@ async def server():
 
 @pytest.fixture
 def kv():
-    with make_kv_cache(num_blocks=64, block_size=BLOCK_SIZE, num_layers=2, num_kv_heads=2, head_size=32) as cache:
+    with make_kv_cache(
+        num_blocks=64, block_size=BLOCK_SIZE, num_layers=2, num_kv_heads=2, head_size=32
+    ) as cache:
         yield cache
 
 

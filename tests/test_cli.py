@@ -113,9 +113,7 @@ def print_config(*args: str, **env: str) -> dict:
 def test_print_config_merges_file_environment_and_flags(tmp_path):
     config_file = tmp_path / "kv.toml"
     config_file.write_text('l1_size = "1GiB"\nchunk_size = 128\nlog_level = "debug"\n')
-    merged = print_config(
-        "--config", str(config_file), "--chunk-size", "512", TRIO_KV_LOG_LEVEL="warning"
-    )
+    merged = print_config("--config", str(config_file), "--chunk-size", "512", TRIO_KV_LOG_LEVEL="warning")
     assert merged["l1_size"] == 1024**3  # from the file
     assert merged["log_level"] == "warning"  # environment beats the file
     assert merged["chunk_size"] == 512  # flags beat everything

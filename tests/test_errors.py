@@ -93,9 +93,7 @@ async def test_client_refuses_to_send_what_the_server_would_refuse(small_server)
 
 async def test_too_many_tokens_is_a_limit_error(small_server):
     async with await AsyncClient.connect(small_server.url) as client:
-        await expect_error(
-            client.lookup(key(list(range(5000)), rank=None)), ErrorCode.LIMIT_EXCEEDED, "4096"
-        )
+        await expect_error(client.lookup(key(list(range(5000)), rank=None)), ErrorCode.LIMIT_EXCEEDED, "4096")
 
 
 async def test_too_many_block_ids_is_a_limit_error(small_server, kv):
@@ -117,9 +115,7 @@ async def test_unknown_instance(client):
     await expect_error(
         client.store("nobody", key(list(range(CHUNK))), [0, 1]), ErrorCode.UNKNOWN_INSTANCE, "nobody"
     )
-    await expect_error(
-        client.retrieve("nobody", key(list(range(CHUNK))), [0, 1]), ErrorCode.UNKNOWN_INSTANCE
-    )
+    await expect_error(client.retrieve("nobody", key(list(range(CHUNK))), [0, 1]), ErrorCode.UNKNOWN_INSTANCE)
 
 
 @pytest.mark.parametrize("bad_block", [-1, 64, 10**9])
@@ -175,7 +171,13 @@ async def test_registration_larger_than_its_file_is_refused(client, kv):
 async def test_tensor_reaching_past_the_region_is_refused(client, kv):
     request = kv.register_request("x")
     spec = request.tensors[0]
-    grown = TensorSpec(spec.offset, spec.dtype, [spec.shape[0], spec.shape[1] * 100, *spec.shape[2:]], spec.strides, spec.block_dim)
+    grown = TensorSpec(
+        spec.offset,
+        spec.dtype,
+        [spec.shape[0], spec.shape[1] * 100, *spec.shape[2:]],
+        spec.strides,
+        spec.block_dim,
+    )
     request.tensors = [grown]
     await expect_error(client.register(request), ErrorCode.BAD_REGISTRATION, "past the end")
 

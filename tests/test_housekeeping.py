@@ -15,7 +15,9 @@ TOKENS = list(range(2 * CHUNK))
 
 async def test_leases_expire_at_their_deadline_and_not_before(autojump_clock):
     with make_kv_cache(num_blocks=16, block_size=16) as kv:
-        engine = CacheEngine(EngineSettings(chunk_size=CHUNK, lease_ttl_s=30), L1Store(1 << 22), CpuTransfer())
+        engine = CacheEngine(
+            EngineSettings(chunk_size=CHUNK, lease_ttl_s=30), L1Store(1 << 22), CpuTransfer()
+        )
         engine.register(kv.register_request("w"))
         await engine.store(Store("w", RequestKey("m", 1, 0, TOKENS), [0, 1, 2, 3]))
         async with trio.open_nursery() as nursery:

@@ -32,7 +32,9 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "--listen", action="append", metavar="URL",
+        "--listen",
+        action="append",
+        metavar="URL",
         help=f"ipc:///path or tcp://host:port; repeatable (default {DEFAULT_LISTEN})",
     )
     p.add_argument("--l1-size", metavar="SIZE", help="L1 arena size, e.g. 8GiB, 512MiB (default 2GiB)")
@@ -41,10 +43,19 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error", "critical"])
     p.add_argument("--workers", type=int, metavar="N", help="concurrent requests per listen URL (default 64)")
     p.add_argument("--request-timeout", type=float, metavar="SECONDS", dest="request_timeout_s")
-    p.add_argument("--lease-ttl", type=float, metavar="SECONDS", dest="lease_ttl_s",
-                   help="how long a lookup's pins last without a retrieve (default 60)")
-    p.add_argument("--shm-dir", metavar="DIR", help="where clients' shared-memory files must live (default /dev/shm)")
-    p.add_argument("--print-config", action="store_true", help="print the merged configuration as JSON and exit")
+    p.add_argument(
+        "--lease-ttl",
+        type=float,
+        metavar="SECONDS",
+        dest="lease_ttl_s",
+        help="how long a lookup's pins last without a retrieve (default 60)",
+    )
+    p.add_argument(
+        "--shm-dir", metavar="DIR", help="where clients' shared-memory files must live (default /dev/shm)"
+    )
+    p.add_argument(
+        "--print-config", action="store_true", help="print the merged configuration as JSON and exit"
+    )
 
 
 def _ping_parser(sub: argparse._SubParsersAction) -> None:
@@ -147,8 +158,10 @@ def cmd_ping(args: argparse.Namespace) -> int:
         print(f"trio-kv ping: {url}: {exc}", file=sys.stderr)
         return 1
     assert hello is not None
-    print(f"ok: trio-kv {hello.server_version} at {url} (protocol {hello.protocol_version}, "
-          f"chunk {hello.chunk_size} tokens)")
+    print(
+        f"ok: trio-kv {hello.server_version} at {url} (protocol {hello.protocol_version}, "
+        f"chunk {hello.chunk_size} tokens)"
+    )
     return 0
 
 

@@ -363,5 +363,7 @@ class CacheEngine:
             if entry.readers:
                 problems.append(f"entry left with readers: {entry}")
             if entry.leases != lease_counts.get(id(entry), 0):
-                problems.append(f"entry lease count {entry.leases} != lease table {lease_counts.get(id(entry), 0)}")
+                problems.append(
+                    f"entry lease count {entry.leases} != lease table {lease_counts.get(id(entry), 0)}"
+                )
         return problems

@@ -61,9 +61,7 @@ def validate_salt(salt: str) -> str:
         )
     for char in _FORBIDDEN_SALT_CHARS:
         if char in salt:
-            raise TrioKVError(
-                ErrorCode.BAD_SALT, f"cache_salt must not contain {char!r} (got {salt!r})"
-            )
+            raise TrioKVError(ErrorCode.BAD_SALT, f"cache_salt must not contain {char!r} (got {salt!r})")
     return salt
 
 
@@ -150,9 +148,7 @@ class HashSessions:
     after its last use; at most ``max_sessions`` are kept (least recent dropped).
     """
 
-    def __init__(
-        self, chunk_size: int, ttl: float, max_sessions: int, clock: Callable[[], float]
-    ) -> None:
+    def __init__(self, chunk_size: int, ttl: float, max_sessions: int, clock: Callable[[], float]) -> None:
         self.chunk_size = chunk_size
         self.ttl = ttl
         self.max_sessions = max_sessions
@@ -174,9 +170,7 @@ class HashSessions:
             return chain_hashes(packed, self.chunk_size)
         session_key = (key.cache_salt, key.request_id)
         session = self._sessions.pop(session_key, None)
-        if session is None or not (
-            packed.startswith(session.packed) or session.packed.startswith(packed)
-        ):
+        if session is None or not (packed.startswith(session.packed) or session.packed.startswith(packed)):
             # New request, or its tokens changed: start over.
             session = _Session(b"", [], now)
         if len(packed) > len(session.packed):

@@ -70,9 +70,7 @@ class L1Store:
             raise ValueError("watermarks must satisfy 0 < low <= high <= 1")
         self.allocator = ExtentAllocator(capacity, alignment)
         self.capacity = self.allocator.capacity
-        self.arena = (
-            arena if arena is not None else torch.empty(self.capacity, dtype=torch.uint8)
-        )
+        self.arena = arena if arena is not None else torch.empty(self.capacity, dtype=torch.uint8)
         if self.arena.numel() < self.capacity:
             raise ValueError("arena is smaller than the capacity")
         self.ledger = ByteLedger(self.capacity)

@@ -40,9 +40,7 @@ class LeaseTable:
     def owners(self) -> int:
         return len(self._sets)
 
-    def grant(
-        self, owner: LeaseOwner, chunks: Iterable[tuple[int, Entry]], deadline: float
-    ) -> int:
+    def grant(self, owner: LeaseOwner, chunks: Iterable[tuple[int, Entry]], deadline: float) -> int:
         """Lease ``(chunk index, entry)`` pairs to ``owner``, replacing what it held before."""
         fresh = _LeaseSet(deadline)
         for chunk_index, entry in chunks:

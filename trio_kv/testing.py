@@ -1,9 +1,9 @@
 """An embedded test harness: a full trio-kv server in-process, on a temporary socket.
 
-    async with running_server(l1_size="64MiB") as server:
-        async with await AsyncClient.connect(server.url) as client:
-            ...
-        assert_no_leaks(server)
+async with running_server(l1_size="64MiB") as server:
+    async with await AsyncClient.connect(server.url) as client:
+        ...
+    assert_no_leaks(server)
 """
 
 from __future__ import annotations
@@ -41,9 +41,7 @@ class RunningServer:
 
 
 @asynccontextmanager
-async def running_server(
-    *, faults: FaultHook | None = None, **settings: Any
-) -> AsyncIterator[RunningServer]:
+async def running_server(*, faults: FaultHook | None = None, **settings: Any) -> AsyncIterator[RunningServer]:
     """Start a server on ``ipc://<tempdir>/trio-kv.sock`` and stop it on exit.
 
     ``settings`` are ServerConfig fields (sizes may be strings like "64MiB");

@@ -70,7 +70,9 @@ def _segments_of(index: int, spec: TensorSpec, region_bytes: int) -> tuple[int, 
         raise _bad(f"{name}: unsupported dtype {spec.dtype!r}; known: {sorted(DTYPE_BYTES)}")
     ndim = len(spec.shape)
     if ndim == 0 or ndim != len(spec.strides):
-        raise _bad(f"{name}: shape {spec.shape} and strides {spec.strides} must be non-empty and equal in length")
+        raise _bad(
+            f"{name}: shape {spec.shape} and strides {spec.strides} must be non-empty and equal in length"
+        )
     if not 0 <= spec.block_dim < ndim:
         raise _bad(f"{name}: block_dim {spec.block_dim} outside 0..{ndim - 1}")
     if any(s < 1 for s in spec.shape) or any(s < 0 for s in spec.strides):
@@ -81,7 +83,9 @@ def _segments_of(index: int, spec: TensorSpec, region_bytes: int) -> tuple[int, 
     if extent > region_bytes:
         raise _bad(f"{name}: reaches byte {extent}, past the end of the {region_bytes}-byte region")
 
-    inner = [(s, n) for n, s in zip(spec.shape[spec.block_dim + 1 :], spec.strides[spec.block_dim + 1 :]) if n > 1]
+    inner = [
+        (s, n) for n, s in zip(spec.shape[spec.block_dim + 1 :], spec.strides[spec.block_dim + 1 :]) if n > 1
+    ]
     expected = 1
     for stride, size in sorted(inner):
         if stride != expected:

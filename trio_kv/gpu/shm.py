@@ -60,7 +60,9 @@ class SharedKVCache:
         """Every byte of one block, tensor by tensor (for tests that compare blocks)."""
         parts = []
         for tensor, spec in zip(self.tensors, self.specs):
-            parts.append(tensor.select(spec.block_dim, block_id).contiguous().view(torch.uint8).numpy().tobytes())
+            parts.append(
+                tensor.select(spec.block_dim, block_id).contiguous().view(torch.uint8).numpy().tobytes()
+            )
         return b"".join(parts)
 
     def close(self) -> None:
@@ -155,7 +157,9 @@ def open_registered_region(request: RegisterKVCache, allowed_dir: str) -> torch.
     try:
         info = os.stat(path)
     except OSError as exc:
-        raise TrioKVError(ErrorCode.BAD_REGISTRATION, f"cannot open {request.shm_path!r}: {exc.strerror}") from None
+        raise TrioKVError(
+            ErrorCode.BAD_REGISTRATION, f"cannot open {request.shm_path!r}: {exc.strerror}"
+        ) from None
     if not stat.S_ISREG(info.st_mode):
         raise TrioKVError(ErrorCode.BAD_REGISTRATION, f"{request.shm_path!r} is not a regular file")
     if request.shm_bytes < 1 or request.shm_bytes > info.st_size:

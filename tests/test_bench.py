@@ -1,0 +1,77 @@
+"""``trio-kv bench cpu`` at a tiny size, and the split copies the CPU path uses for large jobs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from trio_kv import cli
+from trio_kv.gpu.cpu import CopyJob, CpuTransfer
+from trio_kv.testing import make_kv_cache
+
+REQUIRED_FIGURES = (
+    "store_gbps",
+    "retrieve_gbps",
+    "memcpy_gbps",
+    "store_ratio",
+    "retrieve_ratio",
+    "lookup_p50_us",
+    "lookup_p99_us",
+    "nng_echo_p50_us",
+    "lookup_ratio",
+)
+
+
+def test_bench_cpu_json_reports_every_figure_with_ratios_of_the_figures(capsys):
+    # Sync on purpose: main() calls trio.run itself.
+    argv = ["bench", "cpu", "--json", "--chunks", "2", "--prompt-chunks", "1", "--layers", "2"]
+    status = cli.main([*argv, "--rounds", "1", "--lookups", "20"])
+
+    assert status == 0
+    report = json.loads(capsys.readouterr().out)
+    for name in REQUIRED_FIGURES:
+        value = report[name]
+        assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, (name, value)
+    assert report["store_ratio"] == pytest.approx(report["store_gbps"] / report["memcpy_gbps"])
+    assert report["retrieve_ratio"] == pytest.approx(report["retrieve_gbps"] / report["memcpy_gbps"])
+    assert report["lookup_ratio"] == pytest.approx(report["lookup_p50_us"] / report["nng_echo_p50_us"])
+    assert report["verified"] is True
+    assert report["chunk_bytes"] == 2 * 2 * 256 * 8 * 128 * 2  # K and V, 2 layers, 256 tokens, bf16
+
+
+@pytest.mark.parametrize("layout", ["per_layer", "cross_layer"])
+@pytest.mark.parametrize("parts", [2, 3])
+def test_copies_split_into_parts_move_the_same_bytes_as_one_call(layout, parts):
+    blocks_per_job = 5  # not a multiple of parts: shares differ in size and rotate per segment
+    with make_kv_cache(num_blocks=40, num_layers=3, layout=layout) as kv:
+        cache = CpuTransfer().open(kv.register_request("split"))
+        chunk_bytes = cache.layout.chunk_bytes(blocks_per_job)
+        sources = [[7, 3, 11, 0, 19], [2, 4, 6, 8, 10]]
+        whole = torch.zeros(2 * chunk_bytes, dtype=torch.uint8)
+        split = torch.zeros(2 * chunk_bytes, dtype=torch.uint8)
+
+        def jobs(arena, block_ids, first_block=0):
+            return [
+                CopyJob(ids, arena[i * chunk_bytes : (i + 1) * chunk_bytes], first_block)
+                for i, ids in enumerate(block_ids)
+            ]
+
+        cache.gather(jobs(whole, sources))
+        for part in range(parts):
+            cache.gather(jobs(split, sources), part, parts)
+        assert torch.equal(whole, split)
+
+        # Scatter from the third block of each chunk on, into blocks 20..29.
+        targets = [list(range(20, 25)), list(range(25, 30))]
+        untouched = {block: kv.block_bytes(block) for ids in targets for block in ids[:2]}
+        for part in range(parts):
+            cache.scatter(jobs(split, targets, first_block=2), part, parts)
+        for source_ids, target_ids in zip(sources, targets):
+            for position, (source, target) in enumerate(zip(source_ids, target_ids)):
+                if position < 2:
+                    assert kv.block_bytes(target) == untouched[target]
+                else:
+                    assert kv.block_bytes(target) == kv.block_bytes(source)
