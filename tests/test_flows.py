@@ -8,8 +8,9 @@ import pytest
 import trio
 
 from trio_kv.client import AsyncClient, BlockingClient
-from trio_kv.errors import ErrorCode, ServerError
+from trio_kv.errors import ErrorCode, ServerError, TrioKVError
 from trio_kv.keys import RequestKey
+from trio_kv.protocol import Lookup, LookupResult
 from trio_kv.testing import assert_no_leaks, make_kv_cache, running_server
 
 from .conftest import BLOCK_SIZE, CHUNK_SIZE
@@ -296,3 +297,18 @@ async def test_tcp_listener_serves_too():
         async with await AsyncClient.connect(server.url) as client:
             await client.ping()
             assert client.chunk_size == CHUNK_SIZE
+
+
+async def test_packed_and_listed_tokens_name_the_same_chunks(client, server):
+    tokens = prompt(2 * CHUNK_SIZE)
+    await client.store("worker-0", key(tokens), blocks(0, 4))  # the client sends packed tokens
+    # A peer that sends plain integer lists (e.g. an older client) hits the same chunks.
+    listed = await client.call(Lookup(key(tokens, rank=None)), LookupResult)
+    assert listed.hit_tokens == 2 * CHUNK_SIZE
+
+
+async def test_client_refuses_token_ids_outside_uint32(client):
+    for bad in (-1, 2**32):
+        with pytest.raises(TrioKVError) as err:
+            await client.lookup(key([bad] * CHUNK_SIZE, rank=None))
+        assert err.value.code == ErrorCode.INVALID_ARGUMENT

@@ -15,6 +15,10 @@ from trio_kv.keys import (
     RequestKey,
     chunk_hashes,
     expand_ranks,
+    pack_tokens,
+    packed_key,
+    packed_prefix,
+    token_count,
     validate_request_key,
     validate_salt,
 )
@@ -401,3 +405,21 @@ def test_session_hashes_always_equal_fresh_hashes(ops):
         else:
             clock.now += op[1]
         assert len(hs) <= 2
+
+
+def test_packed_tokens_hash_like_listed_tokens():
+    tokens = list(range(100, 100 + 3 * 16 + 5))
+    listed = RequestKey("m", 1, 0, tokens, request_id="r")
+    packed = packed_key(listed)
+    assert isinstance(packed.tokens, bytes)
+    assert token_count(packed) == token_count(listed) == len(tokens)
+    assert packed_prefix(packed, 20) == packed_prefix(listed, 20) == pack_tokens(tokens[:20])
+    sessions = HashSessions(16, 60.0, 10, lambda: 0.0)
+    assert sessions.hashes(packed, len(tokens)) == chunk_hashes(tokens, 16)
+
+
+def test_packed_tokens_must_be_whole_uint32s():
+    key = RequestKey("m", 1, 0, b"\x00" * 7)
+    with pytest.raises(TrioKVError) as err:
+        validate_request_key(key, needs_rank=True)
+    assert err.value.code == ErrorCode.INVALID_ARGUMENT

@@ -28,7 +28,7 @@ import trio
 from .client import AsyncClient
 from .errors import TrioKVError
 from .gpu.shm import create_shared_kv_cache
-from .keys import RequestKey
+from .keys import RequestKey, packed_key
 from .protocol import Lookup, encode
 from .testing import running_server
 
@@ -154,7 +154,7 @@ async def _latency_samples(
     """Nanoseconds per lookup of ``key`` and per raw Req0/Rep0 echo of a message as large
     as the encoded Lookup, on a temporary socket of its own. The two alternate, so
     drift in the machine hits both alike. The lookup's session is ended afterwards."""
-    payload = bytes(len(encode(Lookup(key))))
+    payload = bytes(len(encode(Lookup(packed_key(key)))))
     lookups, echoes = [], []
     with tempfile.TemporaryDirectory(prefix="trio-kv-bench-") as directory:
         url = f"ipc://{directory}/echo.sock"
@@ -233,7 +233,7 @@ async def run_cpu(args: argparse.Namespace) -> CpuBenchResult:
         layers=args.layers,
         rounds=args.rounds,
         lookups=args.lookups,
-        lookup_message_bytes=len(encode(Lookup(lookup_key))),
+        lookup_message_bytes=len(encode(Lookup(packed_key(lookup_key)))),
     )
 
 

@@ -16,7 +16,7 @@ import trio
 
 from .errors import ErrorCode, ServerError, TrioKVError
 from .gpu.shm import SharedKVCache
-from .keys import RequestKey
+from .keys import RequestKey, packed_key
 from .protocol import (
     PROTOCOL_VERSION,
     Clear,
@@ -150,15 +150,17 @@ class AsyncClient(_Session):
         return await self.call(UnregisterKVCache(instance_id), Unregistered)
 
     async def store(self, instance_id: str, key: RequestKey, block_ids: list[int]) -> StoreResult:
-        return await self.call(Store(instance_id, key, block_ids), StoreResult)
+        return await self.call(Store(instance_id, packed_key(key), block_ids), StoreResult)
 
     async def lookup(self, key: RequestKey) -> LookupResult:
-        return await self.call(Lookup(key), LookupResult)
+        return await self.call(Lookup(packed_key(key)), LookupResult)
 
     async def retrieve(
         self, instance_id: str, key: RequestKey, block_ids: list[int], skip_first_n_tokens: int = 0
     ) -> RetrieveResult:
-        return await self.call(Retrieve(instance_id, key, block_ids, skip_first_n_tokens), RetrieveResult)
+        return await self.call(
+            Retrieve(instance_id, packed_key(key), block_ids, skip_first_n_tokens), RetrieveResult
+        )
 
     async def release(
         self, request_id: str, cache_salt: str = "", start: int = 0, end: int | None = None
@@ -230,15 +232,17 @@ class BlockingClient(_Session):
         return self.call(UnregisterKVCache(instance_id), Unregistered)
 
     def store(self, instance_id: str, key: RequestKey, block_ids: list[int]) -> StoreResult:
-        return self.call(Store(instance_id, key, block_ids), StoreResult)
+        return self.call(Store(instance_id, packed_key(key), block_ids), StoreResult)
 
     def lookup(self, key: RequestKey) -> LookupResult:
-        return self.call(Lookup(key), LookupResult)
+        return self.call(Lookup(packed_key(key)), LookupResult)
 
     def retrieve(
         self, instance_id: str, key: RequestKey, block_ids: list[int], skip_first_n_tokens: int = 0
     ) -> RetrieveResult:
-        return self.call(Retrieve(instance_id, key, block_ids, skip_first_n_tokens), RetrieveResult)
+        return self.call(
+            Retrieve(instance_id, packed_key(key), block_ids, skip_first_n_tokens), RetrieveResult
+        )
 
     def release(
         self, request_id: str, cache_salt: str = "", start: int = 0, end: int | None = None

@@ -18,7 +18,15 @@ import trio
 from . import __version__
 from .errors import ErrorCode, TrioKVError
 from .gpu import CopyJob, CpuTransfer, MappedKVCache
-from .keys import HashSessions, ObjectKey, RequestKey, effective_end, object_keys, validate_request_key
+from .keys import (
+    HashSessions,
+    ObjectKey,
+    RequestKey,
+    effective_end,
+    object_keys,
+    token_count,
+    validate_request_key,
+)
 from .l1 import Entry, L1Store
 from .leases import LeaseTable
 from .protocol import (
@@ -115,10 +123,10 @@ class CacheEngine:
 
     def _check_key(self, key: RequestKey, *, needs_rank: bool) -> None:
         limits = self.settings.limits
-        if len(key.tokens) > limits.max_tokens_per_key:
+        if token_count(key) > limits.max_tokens_per_key:
             raise TrioKVError(
                 ErrorCode.LIMIT_EXCEEDED,
-                f"{len(key.tokens)} tokens exceed the limit of {limits.max_tokens_per_key} per key",
+                f"{token_count(key)} tokens exceed the limit of {limits.max_tokens_per_key} per key",
             )
         if key.world_size > limits.max_world_size:
             raise TrioKVError(

@@ -31,12 +31,15 @@ class RequestKey(msgspec.Struct, array_like=True, frozen=True):
 
     ``rank`` is None on scheduler-side lookups: the key then covers every rank.
     ``request_id`` scopes leases and hash sessions; it is not part of identity.
+    ``tokens`` is a list of token ids or the same ids packed as little-endian
+    uint32 (``pack_tokens``); the clients send the packed form, which the server
+    hashes as it is, without decoding one integer.
     """
 
     model: str
     world_size: int
     rank: int | None
-    tokens: list[TokenId]
+    tokens: list[TokenId] | bytes
     start: int = 0
     end: int | None = None
     request_id: str = ""
@@ -77,21 +80,46 @@ def validate_request_key(key: RequestKey, *, needs_rank: bool) -> None:
         raise TrioKVError(
             ErrorCode.INVALID_ARGUMENT, f"rank {key.rank} outside world of size {key.world_size}"
         )
-    end = effective_end(key)
-    if not 0 <= key.start <= end <= len(key.tokens):
+    if isinstance(key.tokens, bytes) and len(key.tokens) % 4:
         raise TrioKVError(
-            ErrorCode.INVALID_ARGUMENT,
-            f"token range [{key.start}, {key.end}) is not inside 0..{len(key.tokens)}",
+            ErrorCode.INVALID_ARGUMENT, f"packed tokens are {len(key.tokens)} bytes, not a multiple of 4"
+        )
+    end = effective_end(key)
+    count = token_count(key)
+    if not 0 <= key.start <= end <= count:
+        raise TrioKVError(
+            ErrorCode.INVALID_ARGUMENT, f"token range [{key.start}, {key.end}) is not inside 0..{count}"
         )
 
 
+def token_count(key: RequestKey) -> int:
+    return len(key.tokens) // 4 if isinstance(key.tokens, bytes) else len(key.tokens)
+
+
 def effective_end(key: RequestKey) -> int:
-    return len(key.tokens) if key.end is None else key.end
+    return token_count(key) if key.end is None else key.end
+
+
+def packed_prefix(key: RequestKey, n_tokens: int) -> bytes:
+    """The first ``n_tokens`` token ids of ``key`` in their packed (hashed) form."""
+    if isinstance(key.tokens, bytes):
+        return key.tokens[: 4 * n_tokens]
+    return pack_tokens(key.tokens[:n_tokens])
+
+
+def packed_key(key: RequestKey) -> RequestKey:
+    """``key`` with its tokens packed (the compact wire form)."""
+    if isinstance(key.tokens, bytes):
+        return key
+    return msgspec.structs.replace(key, tokens=pack_tokens(key.tokens))
 
 
 def pack_tokens(tokens: Sequence[int]) -> bytes:
     """Token ids as little-endian uint32, the byte form that is hashed."""
-    packed = array("I", tokens)
+    try:
+        packed = array("I", tokens)
+    except (OverflowError, TypeError):
+        raise TrioKVError(ErrorCode.INVALID_ARGUMENT, "token ids must be integers in [0, 2**32)") from None
     if sys.byteorder != "little":
         packed.byteswap()
     return packed.tobytes()
@@ -162,7 +190,7 @@ class HashSessions:
     def hashes(self, key: RequestKey, end: int) -> list[bytes]:
         """Prefix hashes of the full chunks of ``key.tokens[:end]``."""
         n_full = end // self.chunk_size
-        packed = pack_tokens(key.tokens[: n_full * self.chunk_size])
+        packed = packed_prefix(key, n_full * self.chunk_size)
         now = self._clock()
         self._expire(now)
         if not key.request_id:
