@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import MappingProxyType
 
 import msgspec
+
+from .keys import ObjectKey
 
 log = logging.getLogger(__name__)
 
@@ -93,3 +96,91 @@ class ByteLedger:
     def _notify(self) -> None:
         for listener in self._listeners:
             listener(self)
+
+
+LedgerListener = Callable[[str, Sequence[ObjectKey]], None]
+
+
+class KeyedLedger(ByteLedger):
+    """A ByteLedger that knows which keys hold its bytes, in least-recently-used order.
+
+    ``add`` of a key already present counts 0 bytes but refreshes its recency;
+    ``remove`` of an unknown key counts 0. Listeners registered with
+    ``add_key_listener`` hear ``("add" | "touch" | "remove", keys)`` after the
+    ledger is updated (eviction policies and metrics listen here).
+    """
+
+    def __init__(self, capacity: int | None) -> None:
+        super().__init__(capacity)
+        self._sizes: OrderedDict[ObjectKey, int] = OrderedDict()
+        self._key_listeners: list[LedgerListener] = []
+
+    def __len__(self) -> int:
+        return len(self._sizes)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._sizes
+
+    def add_key_listener(self, listener: LedgerListener) -> None:
+        self._key_listeners.append(listener)
+
+    def size_of(self, key: ObjectKey) -> int | None:
+        return self._sizes.get(key)
+
+    def add(self, keys: Sequence[ObjectKey], sizes: Sequence[int]) -> int:
+        """Record stored objects; returns the bytes newly counted."""
+        if len(keys) != len(sizes):
+            raise ValueError(f"{len(keys)} keys but {len(sizes)} sizes")
+        added, fresh, touched = 0, [], []
+        for key, size in zip(keys, sizes):
+            if size < 0:
+                raise ValueError(f"negative size {size} for {key}")
+            if key in self._sizes:
+                self._sizes.move_to_end(key)
+                touched.append(key)
+                continue
+            self._sizes[key] = size
+            self.charge(key.cache_salt, size)
+            added += size
+            fresh.append(key)
+        self._notify_keys("add", fresh)
+        self._notify_keys("touch", touched)
+        return added
+
+    def touch(self, keys: Sequence[ObjectKey]) -> None:
+        """Mark keys as just used (a read hit)."""
+        present = [k for k in keys if k in self._sizes]
+        for key in present:
+            self._sizes.move_to_end(key)
+        self._notify_keys("touch", present)
+
+    def remove(self, keys: Sequence[ObjectKey]) -> int:
+        """Forget deleted objects; returns the bytes released."""
+        removed, gone = 0, []
+        for key in keys:
+            size = self._sizes.pop(key, None)
+            if size is None:
+                continue
+            self.release(key.cache_salt, size)
+            removed += size
+            gone.append(key)
+        self._notify_keys("remove", gone)
+        return removed
+
+    def least_recent(self) -> Iterator[ObjectKey]:
+        """Keys from least to most recently used (a snapshot: safe to mutate while iterating)."""
+        return iter(list(self._sizes))
+
+    def keys_of_salt(self, salt: str) -> list[ObjectKey]:
+        return [k for k in self._sizes if k.cache_salt == salt]
+
+    def clear_keys(self) -> None:
+        gone = list(self._sizes)
+        self._sizes.clear()
+        self.reset()
+        self._notify_keys("remove", gone)
+
+    def _notify_keys(self, event: str, keys: Sequence[ObjectKey]) -> None:
+        if keys:
+            for listener in self._key_listeners:
+                listener(event, keys)

@@ -1,0 +1,89 @@
+"""An in-memory adapter with injectable latency, bandwidth and failures, for tests."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator, Sequence
+
+import trio
+
+from ..keys import ObjectKey
+from .base import AdapterError, AdapterHealth, L2Adapter
+
+
+class MockAdapter(L2Adapter):
+    """Objects in a dict. ``latency_s`` is added to every operation, ``bandwidth_bps``
+    (bytes per second, 0 = unlimited) to puts and gets; ``fail_rate`` makes that
+    fraction of operations raise AdapterError; ``down`` makes every one raise;
+    ``stall`` makes every operation wait until it is cleared."""
+
+    kind = "mock"
+
+    def __init__(
+        self,
+        name: str = "mock",
+        *,
+        latency_s: float = 0.0,
+        bandwidth_bps: float = 0.0,
+        fail_rate: float = 0.0,
+        seed: int = 0,
+        **kwargs: object,
+    ) -> None:
+        super().__init__(name, **kwargs)  # type: ignore[arg-type]
+        self.objects: dict[ObjectKey, bytes] = {}
+        self.latency_s = latency_s
+        self.bandwidth_bps = bandwidth_bps
+        self.fail_rate = fail_rate
+        self.down = False
+        self._random = random.Random(seed)
+        self._unstalled = trio.Event()
+        self._unstalled.set()
+        self.calls: list[str] = []
+
+    def stall(self) -> None:
+        self._unstalled = trio.Event()
+
+    def unstall(self) -> None:
+        self._unstalled.set()
+
+    async def _io(self, op: str, nbytes: int = 0) -> None:
+        self.calls.append(op)
+        await self._unstalled.wait()
+        delay = self.latency_s + (nbytes / self.bandwidth_bps if self.bandwidth_bps else 0.0)
+        if delay:
+            await trio.sleep(delay)
+        if self.down:
+            raise AdapterError(f"{self.name}: down")
+        if self.fail_rate and self._random.random() < self.fail_rate:
+            raise AdapterError(f"{self.name}: injected failure in {op}")
+
+    async def _put(self, key: ObjectKey, payload: memoryview) -> None:
+        await self._io("put", len(payload))
+        self.objects[key] = bytes(payload)
+
+    async def _get_into(self, key: ObjectKey, buffer: memoryview) -> bool:
+        data = self.objects.get(key)
+        await self._io("get", len(data) if data is not None else 0)
+        data = self.objects.get(key)
+        if data is None or len(data) != len(buffer):
+            return False
+        buffer[:] = data
+        return True
+
+    async def _contains(self, keys: Sequence[ObjectKey]) -> list[bool]:
+        await self._io("contains")
+        return [k in self.objects for k in keys]
+
+    async def _delete(self, keys: Sequence[ObjectKey]) -> None:
+        await self._io("delete")
+        for key in keys:
+            self.objects.pop(key, None)
+
+    async def _scan(self) -> AsyncIterator[tuple[ObjectKey, int]]:
+        for key, data in list(self.objects.items()):
+            yield key, len(data)
+
+    def health(self) -> AdapterHealth:
+        if self.down:
+            return AdapterHealth(healthy=False, state="down", reason="marked down by the test")
+        return AdapterHealth(healthy=True)
