@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trio_kv.ledger import AdapterUsage, ByteLedger
+from trio_kv.keys import ObjectKey
+from trio_kv.ledger import AdapterUsage, ByteLedger, KeyedLedger
 
 
 def test_new_ledger_is_empty():
@@ -198,3 +199,56 @@ def test_random_charges_and_releases_match_a_clamped_model(ops):
         assert dict(ledger.bytes_by_salt) == {s: n for s, n in model.items() if n > 0}
         assert ledger.total == sum(model.values())
         assert ledger.usage().usage_fraction == ledger.total / 1000
+
+
+# ---------------------------------------------------------------- KeyedLedger
+
+
+def okey(n: int, salt: str = "") -> ObjectKey:
+    return ObjectKey("m", 1, 0, n.to_bytes(16, "little"), salt)
+
+
+def test_keyed_add_of_a_present_key_counts_zero_but_refreshes_recency():
+    ledger = KeyedLedger(None)
+    assert ledger.add([okey(1), okey(2)], [10, 20]) == 30
+    assert ledger.add([okey(1)], [10]) == 0
+    assert ledger.total == 30
+    assert list(ledger.least_recent()) == [okey(2), okey(1)]
+
+
+def test_keyed_add_with_unequal_keys_and_sizes_is_an_error():
+    ledger = KeyedLedger(None)
+    with pytest.raises(ValueError, match="2 keys but 1 sizes"):
+        ledger.add([okey(1), okey(2)], [10])
+    assert ledger.total == 0 and len(ledger) == 0
+
+
+def test_keyed_remove_uses_the_recorded_size_and_ignores_unknown_keys():
+    ledger = KeyedLedger(100)
+    ledger.add([okey(1, "a"), okey(2, "b")], [10, 20])
+    assert ledger.remove([okey(1, "a"), okey(9)]) == 10
+    assert ledger.bytes_by_salt == {"b": 20}
+    assert ledger.usage().usage_fraction == pytest.approx(0.2)
+
+
+def test_keyed_listeners_hear_events_after_the_update():
+    ledger = KeyedLedger(None)
+    heard = []
+    ledger.add_key_listener(lambda event, keys: heard.append((event, list(keys), ledger.total)))
+    ledger.add([okey(1)], [5])
+    ledger.add([okey(1)], [5])
+    ledger.touch([okey(1), okey(2)])
+    ledger.remove([okey(1)])
+    assert heard == [
+        ("add", [okey(1)], 5),
+        ("touch", [okey(1)], 5),
+        ("touch", [okey(1)], 5),
+        ("remove", [okey(1)], 0),
+    ]
+
+
+def test_keyed_clear_forgets_everything():
+    ledger = KeyedLedger(None)
+    ledger.add([okey(1, "a")], [5])
+    ledger.clear_keys()
+    assert (ledger.total, len(ledger), dict(ledger.bytes_by_salt)) == (0, 0, {})

@@ -54,6 +54,13 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         "--shm-dir", metavar="DIR", help="where clients' shared-memory files must live (default /dev/shm)"
     )
     p.add_argument(
+        "--l2",
+        action="append",
+        metavar="SPEC",
+        help="an L2 tier, repeatable, in lookup priority order: fs:DIR[?capacity=SIZE] or "
+        "s3://BUCKET[/PREFIX][?endpoint=URL&region=R&capacity=SIZE] (see README)",
+    )
+    p.add_argument(
         "--print-config", action="store_true", help="print the merged configuration as JSON and exit"
     )
 
@@ -125,6 +132,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "request_timeout_s": args.request_timeout_s,
         "lease_ttl_s": args.lease_ttl_s,
         "shm_dir": args.shm_dir,
+        "l2": args.l2,
     }
     try:
         config = load_config(path=args.config, overrides=overrides)

@@ -9,6 +9,7 @@ from typing import Any
 
 import msgspec
 
+from .adapters.spec import AdapterSpec, parse_spec
 from .sizes import parse_size
 
 if sys.version_info >= (3, 11):
@@ -20,7 +21,7 @@ DEFAULT_LISTEN = "ipc:///tmp/trio-kv.sock"
 ENV_PREFIX = "TRIO_KV_"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 _SIZE_FIELDS = ("l1_size", "max_message_bytes")
-_LIST_FIELDS = ("listen",)
+_LIST_FIELDS = ("listen", "l2")
 
 
 class ConfigError(ValueError):
@@ -46,6 +47,12 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     evict_low_watermark: float = 0.90
     shm_dir: str = "/dev/shm"
     transfer: str = "auto"
+    l2: list[str] = msgspec.field(default_factory=list)
+    l2_queue_size: int = 1024
+    l2_writers: int = 2
+    l2_lookup_timeout_s: float = 0.5
+    l2_load_timeout_s: float = 10.0
+    l2_load_concurrency: int = 8
 
     def validate(self) -> ServerConfig:
         """Return self if every value is usable, else raise ConfigError naming the field."""
@@ -67,6 +74,11 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             "max_world_size": self.max_world_size,
             "workers": self.workers,
             "copy_threads": self.copy_threads,
+            "l2_queue_size": self.l2_queue_size,
+            "l2_writers": self.l2_writers,
+            "l2_lookup_timeout_s": self.l2_lookup_timeout_s,
+            "l2_load_timeout_s": self.l2_load_timeout_s,
+            "l2_load_concurrency": self.l2_load_concurrency,
         }
         for name, value in positive.items():
             if not value > 0:
@@ -77,7 +89,18 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ConfigError(f"log_level: {self.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
         if self.transfer not in ("auto", "cpu"):
             raise ConfigError(f"transfer: {self.transfer!r} is not one of auto, cpu")
+        self.l2_specs()
         return self
+
+    def l2_specs(self) -> list[AdapterSpec]:
+        """The parsed ``l2`` entries, in lookup priority order; ConfigError if one is bad."""
+        specs = []
+        for text in self.l2:
+            try:
+                specs.append(parse_spec(text))
+            except ValueError as exc:
+                raise ConfigError(f"l2: {exc}") from None
+        return specs
 
 
 FIELDS = ServerConfig.__struct_fields__

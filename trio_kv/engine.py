@@ -47,9 +47,11 @@ from .protocol import (
     StatusResult,
     Store,
     StoreResult,
+    TierStatus,
     Unregistered,
     UnregisterKVCache,
 )
+from .tiering import Tiering
 
 FaultHook = Callable[[str], Awaitable[None]]
 MAX_INSTANCE_ID_CHARS = 256
@@ -75,12 +77,14 @@ class CacheEngine:
         l1: L1Store,
         transfer: CpuTransfer,
         *,
+        tiering: Tiering | None = None,
         faults: FaultHook | None = None,
     ) -> None:
         self.settings = settings
         self.chunk_size = settings.chunk_size
         self.l1 = l1
         self.transfer = transfer
+        self.tiering = tiering
         self.faults = faults
         self.sessions = HashSessions(
             settings.chunk_size, settings.session_ttl_s, settings.max_sessions, trio.current_time
@@ -210,6 +214,8 @@ class CacheEngine:
             for _, entry in reserved:
                 self.l1.commit(entry)
             committed = True
+            if self.tiering is not None:
+                self.tiering.write_behind([entry for _, entry in reserved])
         finally:
             if not committed:
                 for _, entry in reserved:
@@ -217,33 +223,59 @@ class CacheEngine:
         return StoreResult(stored=len(reserved), skipped_present=present, skipped_no_room=no_room)
 
     async def lookup(self, request: Lookup) -> LookupResult:
-        """Count the leading chunks held for every rank (or the key's rank) and lease them."""
+        """Count the leading chunks held for every rank (or the key's rank), loading what L2
+        holds past the L1 hits, and lease them to the request."""
         key = request.key
         self._check_key(key, needs_rank=False)
         n_chunks = effective_end(key) // self.chunk_size
         hashes = self.sessions.hashes(key, n_chunks * self.chunk_size)
         await self._fault_point("lookup.before_scan")
         ranks = range(key.world_size) if key.rank is None else (key.rank,)
+        chunk_keys = [
+            [ObjectKey(key.model, key.world_size, r, h, key.cache_salt) for r in ranks] for h in hashes
+        ]
         hits: list[tuple[int, Entry]] = []
-        hit_chunks = 0
-        for index, chunk_hash in enumerate(hashes):
-            entries = [
-                self.l1.get_ready(ObjectKey(key.model, key.world_size, r, chunk_hash, key.cache_salt))
-                for r in ranks
-            ]
+        l1_chunks = 0
+        for index, keys in enumerate(chunk_keys):
+            entries = [self.l1.get_ready(k) for k in keys]
             if any(e is None for e in entries):
                 break
             for entry in entries:
                 assert entry is not None
                 self.l1.touch(entry)
                 hits.append((index, entry))
-            hit_chunks += 1
-        if key.request_id:
-            deadline = trio.current_time() + self.settings.lease_ttl_s
-            self.leases.grant((key.cache_salt, key.request_id), hits, deadline)
-            if deadline < self._scheduled_expiry:
-                self._housekeeping_wakeup.set()
-        return LookupResult(hit_tokens=hit_chunks * self.chunk_size, l1_chunks=hit_chunks)
+            l1_chunks += 1
+        l2_chunks = 0
+        if self.tiering is not None and l1_chunks < len(chunk_keys):
+            # Pin the L1 hits first: the loads' reservations must not evict them.
+            for _, entry in hits:
+                self.l1.pin_reader(entry)
+            prefetched = None
+            try:
+                await self._fault_point("lookup.before_prefetch")
+                prefetched = await self.tiering.prefetch(chunk_keys[l1_chunks:])
+                for offset, chunk_entries in enumerate(prefetched.chunks):
+                    hits.extend((l1_chunks + offset, entry) for entry in chunk_entries)
+                l2_chunks = len(prefetched.chunks)
+                self._lease(key, hits)
+            finally:
+                for _, entry in hits[: l1_chunks * len(ranks)]:
+                    self.l1.unpin_reader(entry)
+                if prefetched is not None:
+                    prefetched.release()
+        else:
+            self._lease(key, hits)
+        return LookupResult(
+            hit_tokens=(l1_chunks + l2_chunks) * self.chunk_size, l1_chunks=l1_chunks, l2_chunks=l2_chunks
+        )
+
+    def _lease(self, key: RequestKey, hits: list[tuple[int, Entry]]) -> None:
+        if not key.request_id:
+            return
+        deadline = trio.current_time() + self.settings.lease_ttl_s
+        self.leases.grant((key.cache_salt, key.request_id), hits, deadline)
+        if deadline < self._scheduled_expiry:
+            self._housekeeping_wakeup.set()
 
     async def retrieve(self, request: Retrieve) -> RetrieveResult:
         """Copy the leading cached chunks into the engine's blocks, then end this rank's leases."""
@@ -312,14 +344,22 @@ class CacheEngine:
         released = self.leases.release_all((request.cache_salt, request.request_id))
         return SessionEnded(leases_released=released, had_session=had)
 
-    def clear(self, request: Clear) -> Cleared:
+    async def clear(self, request: Clear) -> Cleared:
         if request.cache_salt is None:
             self.leases.clear()
             self.sessions.clear()
         else:
             self.leases.release_salt(request.cache_salt)
         removed, freed = self.l1.clear(request.cache_salt)
-        return Cleared(entries_removed=removed, bytes_freed=freed)
+        deleted = 0
+        if request.include_l2 and self.tiering is not None:
+            for adapter in self.tiering.adapters:
+                salt = request.cache_salt
+                keys = (
+                    list(adapter.ledger.least_recent()) if salt is None else adapter.ledger.keys_of_salt(salt)
+                )
+                deleted += await adapter.delete(keys)
+        return Cleared(entries_removed=removed, bytes_freed=freed, l2_objects_deleted=deleted)
 
     def status(self) -> StatusResult:
         return StatusResult(
@@ -335,7 +375,37 @@ class CacheEngine:
                 for name, c in sorted(self.instances.items())
             ],
             requests_in_flight=self.requests_in_flight,
+            l2=self._tier_status(),
         )
+
+    def _tier_status(self) -> list[TierStatus]:
+        if self.tiering is None:
+            return []
+        statuses = []
+        for adapter in self.tiering.adapters:
+            health = adapter.health()
+            counters = self.tiering.counters(adapter)
+            statuses.append(
+                TierStatus(
+                    name=adapter.name,
+                    kind=adapter.kind,
+                    usage=adapter.usage(),
+                    healthy=health.healthy,
+                    state=health.state,
+                    reason=health.reason,
+                    queue_depth=self.tiering.queue_depth(adapter),
+                    queued=counters.queued,
+                    dropped=counters.dropped,
+                    skipped_evicted=counters.skipped_evicted,
+                    written=counters.written,
+                    write_failures=counters.write_failures,
+                    loads=counters.loads,
+                    load_failures=counters.load_failures,
+                    lookup_errors=counters.lookup_errors,
+                    evictions=adapter.evictions,
+                )
+            )
+        return statuses
 
     # ------------------------------------------------------------ background
 

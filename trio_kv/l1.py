@@ -73,6 +73,7 @@ class L1Store:
         self.arena = arena if arena is not None else torch.empty(self.capacity, dtype=torch.uint8)
         if self.arena.numel() < self.capacity:
             raise ValueError("arena is smaller than the capacity")
+        self._arena_bytes = memoryview(self.arena.numpy())  # type: ignore[arg-type]
         self.ledger = ByteLedger(self.capacity)
         self.high_watermark = high_watermark
         self.low_watermark = low_watermark
@@ -101,6 +102,10 @@ class L1Store:
     def view(self, entry: Entry) -> torch.Tensor:
         """The entry's payload bytes in the arena."""
         return self.arena[entry.offset : entry.offset + entry.nbytes]
+
+    def buffer(self, entry: Entry) -> memoryview:
+        """The entry's payload as a writable memoryview (for L2 I/O; no copy)."""
+        return self._arena_bytes[entry.offset : entry.offset + entry.nbytes]
 
     def entries(self) -> list[Entry]:
         """Every live entry plus doomed ones still holding bytes (for audits)."""

@@ -104,9 +104,10 @@ class EndSession(_Message, tag="end_session"):
 
 
 class Clear(_Message, tag="clear"):
-    """Drop cached chunks: every salt when ``cache_salt`` is None."""
+    """Drop cached chunks: every salt when ``cache_salt`` is None; L2 objects too with ``include_l2``."""
 
     cache_salt: str | None = None
+    include_l2: bool = False
 
 
 class Status(_Message, tag="status"):
@@ -194,6 +195,7 @@ class SessionEnded(_Message, tag="session_ended"):
 class Cleared(_Message, tag="cleared"):
     entries_removed: int
     bytes_freed: int
+    l2_objects_deleted: int = 0
 
 
 class InstanceInfo(msgspec.Struct, array_like=True, frozen=True):
@@ -201,6 +203,27 @@ class InstanceInfo(msgspec.Struct, array_like=True, frozen=True):
     num_blocks: int
     block_size: int
     block_bytes: int
+
+
+class TierStatus(msgspec.Struct, frozen=True):
+    """One L2 adapter as status reports it."""
+
+    name: str
+    kind: str
+    usage: AdapterUsage
+    healthy: bool
+    state: str
+    reason: str
+    queue_depth: int
+    queued: int
+    dropped: int
+    skipped_evicted: int
+    written: int
+    write_failures: int
+    loads: int
+    load_failures: int
+    lookup_errors: int
+    evictions: int
 
 
 class StatusResult(_Message, tag="status_ok"):
@@ -213,6 +236,7 @@ class StatusResult(_Message, tag="status_ok"):
     sessions: int
     instances: list[InstanceInfo]
     requests_in_flight: int
+    l2: list[TierStatus] = []
 
 
 class Error(_Message, tag="error"):

@@ -19,6 +19,7 @@ import pynng
 import trio
 
 from . import __version__
+from .adapters.spec import build_adapter
 from .config import ServerConfig
 from .engine import CacheEngine, EngineSettings, FaultHook
 from .errors import ErrorCode, TrioKVError
@@ -44,6 +45,7 @@ from .protocol import (
     encode,
     error_reply,
 )
+from .tiering import Tiering, TieringSettings
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +100,23 @@ class Server:
             low_watermark=config.evict_low_watermark,
         )
         transfer = select_backend(config.transfer, threads=config.copy_threads, shm_dir=config.shm_dir)
-        self.engine = CacheEngine(settings, self.l1, transfer, faults=faults)
+        self.adapters = [build_adapter(spec) for spec in config.l2_specs()]
+        self.tiering = (
+            Tiering(
+                self.l1,
+                self.adapters,
+                TieringSettings(
+                    queue_size=config.l2_queue_size,
+                    writers_per_adapter=config.l2_writers,
+                    lookup_timeout_s=config.l2_lookup_timeout_s,
+                    load_timeout_s=config.l2_load_timeout_s,
+                    load_concurrency=config.l2_load_concurrency,
+                ),
+            )
+            if self.adapters
+            else None
+        )
+        self.engine = CacheEngine(settings, self.l1, transfer, tiering=self.tiering, faults=faults)
         self.draining = False
         self._idle = trio.Event()
         self._idle.set()
@@ -131,16 +149,22 @@ class Server:
                 self._cancel_scope = nursery.cancel_scope
                 nursery.start_soon(self.engine.run_housekeeping)
                 nursery.start_soon(self.l1.run_watermark_eviction)
+                # Each adapter runs its own task group; its recovery scan finishes before we serve.
+                for adapter in self.adapters:
+                    await nursery.start(adapter.run)
+                if self.tiering is not None:
+                    await nursery.start(self.tiering.run)
                 for url in self.config.listen:
                     sock = self._listen(url)
                     for _ in range(self.config.workers):
                         nursery.start_soon(self._serve_context, sock.new_context())
                 log.info(
-                    "trio-kv %s serving on %s (L1 %d bytes, chunk %d tokens)",
+                    "trio-kv %s serving on %s (L1 %d bytes, chunk %d tokens, L2: %s)",
                     __version__,
                     ", ".join(self.config.listen),
                     self.l1.capacity,
                     self.config.chunk_size,
+                    ", ".join(a.name for a in self.adapters) or "none",
                 )
                 task_status.started(self)
         finally:

@@ -14,8 +14,9 @@ from .base import AdapterError, AdapterHealth, L2Adapter
 class MockAdapter(L2Adapter):
     """Objects in a dict. ``latency_s`` is added to every operation, ``bandwidth_bps``
     (bytes per second, 0 = unlimited) to puts and gets; ``fail_rate`` makes that
-    fraction of operations raise AdapterError; ``down`` makes every one raise;
-    ``stall`` makes every operation wait until it is cleared."""
+    fraction of operations (of the kinds in ``fail_ops``) raise AdapterError;
+    ``down`` makes every one raise;
+    ``stall`` makes operations wait until ``unstall``."""
 
     kind = "mock"
 
@@ -26,6 +27,7 @@ class MockAdapter(L2Adapter):
         latency_s: float = 0.0,
         bandwidth_bps: float = 0.0,
         fail_rate: float = 0.0,
+        fail_ops: tuple[str, ...] = ("put", "get", "contains", "delete"),
         seed: int = 0,
         **kwargs: object,
     ) -> None:
@@ -34,13 +36,17 @@ class MockAdapter(L2Adapter):
         self.latency_s = latency_s
         self.bandwidth_bps = bandwidth_bps
         self.fail_rate = fail_rate
+        self.fail_ops = fail_ops
         self.down = False
         self._random = random.Random(seed)
         self._unstalled = trio.Event()
         self._unstalled.set()
+        self._stalled_ops: set[str] = set()
         self.calls: list[str] = []
 
-    def stall(self) -> None:
+    def stall(self, *ops: str) -> None:
+        """Make operations of these kinds (all when none are named) wait until ``unstall``."""
+        self._stalled_ops = set(ops) if ops else {"put", "get", "contains", "delete"}
         self._unstalled = trio.Event()
 
     def unstall(self) -> None:
@@ -48,13 +54,14 @@ class MockAdapter(L2Adapter):
 
     async def _io(self, op: str, nbytes: int = 0) -> None:
         self.calls.append(op)
-        await self._unstalled.wait()
+        if op in self._stalled_ops:
+            await self._unstalled.wait()
         delay = self.latency_s + (nbytes / self.bandwidth_bps if self.bandwidth_bps else 0.0)
         if delay:
             await trio.sleep(delay)
         if self.down:
             raise AdapterError(f"{self.name}: down")
-        if self.fail_rate and self._random.random() < self.fail_rate:
+        if self.fail_rate and op in self.fail_ops and self._random.random() < self.fail_rate:
             raise AdapterError(f"{self.name}: injected failure in {op}")
 
     async def _put(self, key: ObjectKey, payload: memoryview) -> None:

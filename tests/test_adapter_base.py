@@ -1,0 +1,95 @@
+"""What every L2 adapter gets from the base class: exact accounting, pins, LRU eviction."""
+
+import pytest
+import trio
+import trio.testing
+
+from trio_kv.adapters import AdapterError, MockAdapter
+from trio_kv.keys import ObjectKey
+
+SIZE = 1000
+
+
+def key(n: int, salt: str = "") -> ObjectKey:
+    return ObjectKey("m", 1, 0, n.to_bytes(16, "little"), salt)
+
+
+def payload(n: int) -> memoryview:
+    return memoryview(bytes([n % 256]) * SIZE)
+
+
+async def test_put_counts_bytes_per_salt_and_a_second_put_counts_nothing():
+    adapter = MockAdapter()
+    assert await adapter.put(key(1, "a"), payload(1))
+    assert not await adapter.put(key(1, "a"), payload(1))
+    assert adapter.calls.count("put") == 1
+    await adapter.put(key(2, "b"), payload(2))
+    assert adapter.usage().bytes_by_salt == {"a": SIZE, "b": SIZE}
+    assert adapter.usage().usage_fraction == -1.0
+
+
+async def test_get_into_fills_the_buffer_and_a_vanished_object_leaves_the_ledger():
+    adapter = MockAdapter()
+    await adapter.put(key(1), payload(7))
+    buffer = bytearray(SIZE)
+    assert await adapter.get_into(key(1), memoryview(buffer))
+    assert bytes(buffer) == bytes(payload(7))
+    del adapter.objects[key(1)]  # deleted behind our back (another server, an operator)
+    assert not await adapter.get_into(key(1), memoryview(buffer))
+    assert adapter.ledger.total == 0
+
+
+async def test_a_failed_put_counts_nothing():
+    adapter = MockAdapter(fail_rate=1.0)
+    with pytest.raises(AdapterError):
+        await adapter.put(key(1), payload(1))
+    assert adapter.ledger.total == 0
+
+
+async def test_capacity_evicts_least_recent_objects_with_real_deletes():
+    adapter = MockAdapter(capacity=10 * SIZE, high_watermark=0.8, low_watermark=0.5)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(adapter.run)
+        for n in range(8):
+            await adapter.put(key(n), payload(n))
+        await adapter.get_into(key(0), memoryview(bytearray(SIZE)))  # 0 is now recent
+        await adapter.put(key(8), payload(8))  # 9 objects: over 80%
+        await trio.testing.wait_all_tasks_blocked()
+        assert adapter.ledger.total == 5 * SIZE
+        assert set(adapter.objects) == {key(n) for n in (0, 5, 6, 7, 8)}
+        assert adapter.evictions == 4
+        nursery.cancel_scope.cancel()
+
+
+async def test_eviction_never_deletes_a_pinned_object():
+    adapter = MockAdapter(capacity=4 * SIZE, high_watermark=0.5, low_watermark=0.25)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(adapter.run)
+        await adapter.put(key(0), payload(0))
+        adapter.pin(key(0))  # a lookup is loading it
+        for n in range(1, 4):
+            await adapter.put(key(n), payload(n))
+        await trio.testing.wait_all_tasks_blocked()
+        assert key(0) in adapter.objects
+        assert adapter.ledger.total == 1 * SIZE
+        adapter.unpin(key(0))
+        assert await adapter.delete([key(0)]) == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_capacity_alone_turns_eviction_on():
+    adapter = MockAdapter(capacity=2 * SIZE)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(adapter.run)
+        for n in range(5):
+            await adapter.put(key(n), payload(n))
+            await trio.testing.wait_all_tasks_blocked()
+        assert adapter.ledger.total <= 2 * SIZE
+        nursery.cancel_scope.cancel()
+
+
+async def test_recovery_rebuilds_usage_from_what_is_stored():
+    adapter = MockAdapter()
+    adapter.objects = {key(1, "a"): b"x" * 10, key(2, "b"): b"y" * 20}
+    assert await adapter.recover() == 2
+    assert adapter.usage().bytes_by_salt == {"a": 10, "b": 20}

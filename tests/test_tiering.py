@@ -1,0 +1,301 @@
+"""L1 <-> L2: write-behind, prefetch on lookup, adapters combining, failures and deadlines.
+
+The engine runs directly (no sockets) over real shared memory, with in-memory
+mock adapters whose latency, stalls and failures the tests control.
+"""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager, suppress
+
+import pytest
+import trio
+import trio.testing
+
+from trio_kv.adapters import MockAdapter
+from trio_kv.engine import CacheEngine, EngineSettings
+from trio_kv.gpu import CpuTransfer
+from trio_kv.keys import ObjectKey, RequestKey, chunk_hashes
+from trio_kv.l1 import L1Store
+from trio_kv.protocol import Clear, Lookup, Retrieve, Store
+from trio_kv.testing import FaultInjector, InjectedFault, make_kv_cache
+from trio_kv.tiering import Tiering, TieringSettings
+
+CHUNK = 32
+BLOCK = 16
+TOKENS = list(range(1000, 1000 + 4 * CHUNK))
+
+
+@pytest.fixture
+def kv():
+    with make_kv_cache(num_blocks=64, block_size=BLOCK, num_layers=2) as cache:
+        yield cache
+
+
+def chunk_bytes(kv) -> int:
+    return (CHUNK // BLOCK) * len(kv.block_bytes(0))
+
+
+class Rig:
+    def __init__(self, engine: CacheEngine, adapters: list[MockAdapter], kv) -> None:
+        self.engine = engine
+        self.adapters = adapters
+        self.kv = kv
+        self.l1 = engine.l1
+        self.tiering = engine.tiering
+
+    def object_keys(self, n_chunks: int, tokens=TOKENS) -> list[ObjectKey]:
+        return [ObjectKey("m", 1, 0, h, "") for h in chunk_hashes(tokens, CHUNK)[:n_chunks]]
+
+    async def store(self, tokens=TOKENS, blocks=None):
+        blocks = blocks if blocks is not None else list(range(len(tokens) // BLOCK))
+        return await self.engine.store(Store("w", RequestKey("m", 1, 0, tokens), blocks))
+
+    async def lookup(self, tokens=TOKENS, request_id="r"):
+        return await self.engine.lookup(Lookup(RequestKey("m", 1, None, tokens, request_id=request_id)))
+
+    def clear_l1(self) -> None:
+        self.l1.clear()
+
+    def assert_clean(self, *, leases_allowed=True) -> None:
+        assert self.engine.audit() == []
+        if not leases_allowed:
+            assert len(self.engine.leases) == 0
+        assert all(a.pinned() == 0 for a in self.adapters)
+
+
+@asynccontextmanager
+async def rig(kv, n_adapters=1, *, l1_bytes=8 << 20, adapter_kwargs=None, faults=None, **settings):
+    adapters = [MockAdapter(f"mock{i}", **(adapter_kwargs or {})) for i in range(n_adapters)]
+    l1 = L1Store(l1_bytes)
+    tiering = Tiering(l1, adapters, TieringSettings(**settings))
+    engine = CacheEngine(EngineSettings(chunk_size=CHUNK), l1, CpuTransfer(), tiering=tiering, faults=faults)
+    engine.register(kv.register_request("w"))
+    async with trio.open_nursery() as nursery:
+        for adapter in adapters:
+            await nursery.start(adapter.run)
+        await nursery.start(tiering.run)
+        yield Rig(engine, adapters, kv)
+        nursery.cancel_scope.cancel()
+
+
+async def test_stored_chunks_are_written_behind_to_every_adapter(kv):
+    async with rig(kv, 2) as r:
+        await r.store()
+        await trio.testing.wait_all_tasks_blocked()
+        for adapter in r.adapters:
+            assert set(adapter.objects) == set(r.object_keys(4))
+            assert adapter.ledger.total == 4 * chunk_bytes(kv)
+            for key in r.object_keys(4):
+                assert adapter.objects[key] == bytes(r.l1.buffer(r.l1.get_ready(key)))
+        r.assert_clean()
+
+
+async def test_lookup_loads_from_l2_what_l1_lost_and_retrieve_gets_the_right_bytes(kv):
+    async with rig(kv) as r:
+        await r.store()
+        await trio.testing.wait_all_tasks_blocked()
+        r.clear_l1()
+        found = await r.lookup()
+        assert (found.hit_tokens, found.l1_chunks, found.l2_chunks) == (4 * CHUNK, 0, 4)
+        assert len(r.engine.leases) == 4
+        got = await r.engine.retrieve(
+            Retrieve("w", RequestKey("m", 1, 0, TOKENS, request_id="r"), list(range(20, 28)))
+        )
+        assert got.chunks_written == 4
+        for src, dst in zip(range(8), range(20, 28)):
+            assert kv.block_bytes(src) == kv.block_bytes(dst)
+        r.assert_clean(leases_allowed=False)
+
+
+async def test_l1_hits_then_l2_hits_continue_the_prefix(kv):
+    async with rig(kv) as r:
+        await r.store()
+        await trio.testing.wait_all_tasks_blocked()
+        # Evict chunks 2 and 3 from L1 only.
+        for key in r.object_keys(4)[2:]:
+            r.l1._free(r.l1.get(key))
+        found = await r.lookup()
+        assert (found.l1_chunks, found.l2_chunks) == (2, 2)
+        r.assert_clean()
+
+
+async def test_adapters_combine_and_the_first_in_order_serves(kv):
+    async with rig(kv, 2) as r:
+        first, second = r.adapters
+        await r.store()
+        await trio.testing.wait_all_tasks_blocked()
+        keys = r.object_keys(4)
+        for key in keys[2:]:
+            del first.objects[key]  # first holds chunks 0-1, second holds 0-3
+        first.ledger.remove(keys[2:])
+        r.clear_l1()
+        first.calls.clear()
+        second.calls.clear()
+        found = await r.lookup()
+        assert found.l2_chunks == 4
+        assert first.calls.count("get") == 2  # chunks 0-1 come from the first adapter
+        assert second.calls.count("get") == 2  # chunks 2-3 from the second
+        await trio.testing.wait_all_tasks_blocked()
+        # Chunks loaded from the second are written behind to the first, never back to their source.
+        assert set(first.objects) == set(keys)
+        assert second.calls.count("put") == 0
+        r.assert_clean()
+
+
+async def test_only_the_contiguous_prefix_is_loaded(kv):
+    async with rig(kv) as r:
+        adapter = r.adapters[0]
+        await r.store()
+        await trio.testing.wait_all_tasks_blocked()
+        keys = r.object_keys(4)
+        del adapter.objects[keys[1]]
+        r.clear_l1()
+        adapter.calls.clear()
+        found = await r.lookup()
+        assert found.l2_chunks == 1
+        assert adapter.calls.count("get") == 1
+        assert keys[2] not in r.l1
+        r.assert_clean()
+
+
+async def test_a_full_queue_drops_and_counts_without_delaying_the_store(kv):
+    async with rig(kv, queue_size=1, writers_per_adapter=1) as r:
+        adapter = r.adapters[0]
+        adapter.stall()
+        result = await r.store()  # returns although the adapter is stuck
+        assert result.stored == 4
+        counters = r.tiering.counters(adapter)
+        await trio.testing.wait_all_tasks_blocked()
+        # One chunk in the writer's hands, one in the queue, two dropped.
+        assert (counters.queued, counters.dropped) == (2, 2)
+        # The chunk being written is pinned: L1 cannot evict it mid-copy.
+        assert sum(1 for e in r.l1.entries() if e.readers) == 1
+        adapter.unstall()
+        await trio.testing.wait_all_tasks_blocked()
+        assert counters.written == 2
+        r.assert_clean()
+
+
+async def test_write_failures_are_counted_and_harmless(kv):
+    async with rig(kv, adapter_kwargs={"fail_rate": 1.0}) as r:
+        await r.store()
+        await trio.testing.wait_all_tasks_blocked()
+        counters = r.tiering.counters(r.adapters[0])
+        assert counters.write_failures == 4
+        assert r.adapters[0].ledger.total == 0
+        assert (await r.lookup()).hit_tokens == 4 * CHUNK  # L1 still serves
+        r.assert_clean()
+
+
+async def test_chunks_evicted_before_their_turn_are_skipped(kv):
+    async with rig(kv, writers_per_adapter=1) as r:
+        adapter = r.adapters[0]
+        adapter.stall()
+        await r.store()
+        await trio.testing.wait_all_tasks_blocked()
+        r.clear_l1()  # three queued chunks lose their L1 copy; one is pinned by its writer
+        adapter.unstall()
+        await trio.testing.wait_all_tasks_blocked()
+        counters = r.tiering.counters(adapter)
+        assert counters.skipped_evicted == 3
+        assert counters.written == 1
+        r.assert_clean()
+
+
+async def test_a_stalled_adapter_cannot_hold_a_lookup_past_its_deadline(kv, autojump_clock):
+    async with rig(kv, lookup_timeout_s=0.5) as r:
+        await r.store(TOKENS[: 2 * CHUNK])
+        await trio.testing.wait_all_tasks_blocked()
+        r.adapters[0].stall()
+        start = trio.current_time()
+        found = await r.lookup()  # chunks 2-3 are nowhere; the adapter never answers
+        assert trio.current_time() - start == pytest.approx(0.5)
+        assert (found.l1_chunks, found.l2_chunks) == (2, 0)
+        r.adapters[0].unstall()
+        r.assert_clean()
+
+
+async def test_a_failed_load_is_a_miss_and_frees_its_reservation(kv):
+    async with rig(kv) as r:
+        await r.store()
+        await trio.testing.wait_all_tasks_blocked()
+        r.clear_l1()
+        r.adapters[0].fail_rate = 1.0
+        r.adapters[0].fail_ops = ("get",)
+        found = await r.lookup()
+        assert found.hit_tokens == 0
+        assert len(r.l1) == 0
+        assert r.tiering.counters(r.adapters[0]).load_failures == 4
+        r.assert_clean()
+
+
+async def test_a_lookup_cancelled_while_loading_leaves_no_trace(kv):
+    async with rig(kv) as r:
+        await r.store()
+        await trio.testing.wait_all_tasks_blocked()
+        r.clear_l1()
+        r.adapters[0].stall("get")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(r.lookup)
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(r.l1) > 0  # reservations taken, loads stuck
+            nursery.cancel_scope.cancel()
+        r.adapters[0].unstall()
+        assert len(r.l1) == 0
+        r.assert_clean(leases_allowed=False)
+
+
+@pytest.mark.parametrize("mode", ["raise", "hang"])
+async def test_a_lookup_failing_before_prefetch_leaves_no_trace(kv, mode):
+    injector = FaultInjector("lookup.before_prefetch", mode)
+    async with rig(kv, faults=injector) as r:
+        await r.store(TOKENS[: 2 * CHUNK])
+        async with trio.open_nursery() as nursery:
+
+            async def lookup() -> None:
+                with suppress(InjectedFault):
+                    await r.lookup()
+
+            nursery.start_soon(lookup)
+            await injector.reached.wait()
+            nursery.cancel_scope.cancel()
+        assert all(not e.pinned for e in r.l1.entries())
+        r.assert_clean(leases_allowed=False)
+
+
+async def test_rank_keys_of_one_chunk_may_come_from_l1_and_l2(kv):
+    async with rig(kv) as r:
+        tokens = TOKENS[:CHUNK]
+        for rank, blocks in ((0, [0, 1]), (1, [2, 3])):
+            await r.engine.store(Store("w", RequestKey("m", 2, rank, tokens), blocks))
+        await trio.testing.wait_all_tasks_blocked()
+        rank1 = ObjectKey("m", 2, 1, chunk_hashes(tokens, CHUNK)[0], "")
+        r.l1._free(r.l1.get(rank1))
+        found = await r.engine.lookup(Lookup(RequestKey("m", 2, None, tokens, request_id="r")))
+        assert (found.l1_chunks, found.l2_chunks) == (0, 1)
+        assert len(r.engine.leases) == 2
+        r.assert_clean()
+
+
+async def test_clear_with_l2_deletes_the_salts_objects_everywhere(kv):
+    async with rig(kv) as r:
+        await r.engine.store(Store("w", RequestKey("m", 1, 0, TOKENS, cache_salt="a"), list(range(8))))
+        await r.engine.store(Store("w", RequestKey("m", 1, 0, TOKENS, cache_salt="b"), list(range(8))))
+        await trio.testing.wait_all_tasks_blocked()
+        cleared = await r.engine.clear(Clear("a", include_l2=True))
+        assert cleared.l2_objects_deleted == 4
+        assert {k.cache_salt for k in r.adapters[0].objects} == {"b"}
+        assert r.adapters[0].usage().bytes_by_salt == {"b": 4 * chunk_bytes(kv)}
+        r.assert_clean()
+
+
+async def test_status_reports_each_tier(kv):
+    async with rig(kv, 2) as r:
+        await r.store()
+        await trio.testing.wait_all_tasks_blocked()
+        tiers = r.engine.status().l2
+        assert [t.name for t in tiers] == ["mock0", "mock1"]
+        assert all(
+            t.written == 4 and t.healthy and t.usage.total_bytes_used == 4 * chunk_bytes(kv) for t in tiers
+        )
