@@ -5,6 +5,7 @@ import trio
 import trio.testing
 
 from trio_kv.adapters import AdapterError, MockAdapter
+from trio_kv.adapters.base import QuotaExceeded
 from trio_kv.keys import ObjectKey
 
 SIZE = 1000
@@ -93,3 +94,38 @@ async def test_recovery_rebuilds_usage_from_what_is_stored():
     adapter.objects = {key(1, "a"): b"x" * 10, key(2, "b"): b"y" * 20}
     assert await adapter.recover() == 2
     assert adapter.usage().bytes_by_salt == {"a": 10, "b": 20}
+
+
+# ---------------------------------------------------------------- quotas and isolation
+
+
+async def test_a_tenant_at_its_l2_quota_evicts_its_own_objects_first():
+    adapter = MockAdapter()
+    adapter.quota = lambda salt: 2 * SIZE if salt == "a" else None
+    await adapter.put(key(1, "b"), payload(1))
+    for n in (2, 3, 4):
+        await adapter.put(key(n, "a"), payload(n))
+    assert set(adapter.objects) == {key(1, "b"), key(3, "a"), key(4, "a")}
+    assert adapter.usage().bytes_by_salt == {"a": 2 * SIZE, "b": SIZE}
+
+
+async def test_a_tenant_whose_objects_are_all_pinned_cannot_exceed_its_quota():
+    adapter = MockAdapter()
+    adapter.quota = lambda salt: SIZE
+    await adapter.put(key(1, "a"), payload(1))
+    adapter.pin(key(1, "a"))
+    with pytest.raises(QuotaExceeded):
+        await adapter.put(key(2, "a"), payload(2))
+    assert adapter.quota_skips == 1
+    assert set(adapter.objects) == {key(1, "a")}
+
+
+async def test_isolated_l2_eviction_takes_from_the_tenant_over_its_share():
+    adapter = MockAdapter(capacity=6 * SIZE, high_watermark=1.0, low_watermark=1.0)
+    adapter.policy = "isolated"
+    await adapter.put(key(0, "quiet"), payload(0))
+    for n in range(1, 7):
+        await adapter.put(key(n, "noisy"), payload(n))
+    assert await adapter.evict_to(6 * SIZE) == 1
+    assert key(0, "quiet") in adapter.objects
+    assert key(1, "noisy") not in adapter.objects

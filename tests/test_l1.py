@@ -5,7 +5,7 @@ import trio
 import trio.testing
 
 from trio_kv.keys import ObjectKey
-from trio_kv.l1 import EntryState, L1Store
+from trio_kv.l1 import EntryState, L1Store, Refusal
 
 CHUNK = 4096
 
@@ -63,21 +63,21 @@ def test_leased_and_read_entries_are_never_evicted():
     leased, read = ready(l1, 1), ready(l1, 2)
     l1.add_lease(leased)
     l1.pin_reader(read)
-    assert l1.reserve(key(3), CHUNK) is None
+    assert l1.reserve(key(3), CHUNK) is Refusal.CAPACITY
     assert key(1) in l1 and key(2) in l1
 
 
 def test_half_written_entries_are_never_evicted():
     l1 = L1Store(1 * CHUNK)
     l1.reserve(key(1), CHUNK)
-    assert l1.reserve(key(2), CHUNK) is None
+    assert l1.reserve(key(2), CHUNK) is Refusal.CAPACITY
 
 
 def test_unpinned_entry_becomes_evictable_again():
     l1 = L1Store(1 * CHUNK)
     entry = ready(l1, 1)
     l1.add_lease(entry)
-    assert l1.reserve(key(2), CHUNK) is None
+    assert l1.reserve(key(2), CHUNK) is Refusal.CAPACITY
     l1.drop_lease(entry)
     assert l1.reserve(key(2), CHUNK) is not None
     assert key(1) not in l1
@@ -95,7 +95,7 @@ def test_unbalanced_unpins_raise():
 def test_oversized_chunk_does_not_fit_and_evicts_nothing():
     l1 = L1Store(2 * CHUNK)
     ready(l1, 1)
-    assert l1.reserve(key(2), 3 * CHUNK) is None
+    assert l1.reserve(key(2), 3 * CHUNK) is Refusal.CAPACITY
     assert key(1) in l1
 
 
@@ -152,3 +152,73 @@ async def test_watermark_task_evicts_down_to_the_low_watermark():
         # The least recent went first.
         assert [key(n) in l1 for n in range(9)] == [False] * 4 + [True] * 5
         nursery.cancel_scope.cancel()
+
+
+# ---------------------------------------------------------------- quotas and isolation
+
+
+def test_a_tenant_at_its_quota_evicts_its_own_chunks_first():
+    l1 = L1Store(8 * CHUNK, quota=lambda salt: 2 * CHUNK if salt == "a" else None)
+    ready(l1, 1, "b")
+    ready(l1, 2, "a")
+    ready(l1, 3, "a")
+    ready(l1, 4, "a")  # a is at 2 chunks: its least recent (2) makes room
+    assert key(2, "a") not in l1
+    assert {key(1, "b"), key(3, "a"), key(4, "a")} <= {e.key for e in l1.entries()}
+    assert l1.ledger.salt_bytes("a") == 2 * CHUNK
+    assert l1.evictions_by_reason["quota"] == 1
+
+
+def test_a_tenant_at_its_quota_with_everything_pinned_is_refused():
+    l1 = L1Store(8 * CHUNK, quota=lambda salt: CHUNK)
+    l1.add_lease(ready(l1, 1, "a"))
+    assert l1.reserve(key(2, "a"), CHUNK) is Refusal.QUOTA
+    assert l1.reserve(key(3, "a"), 2 * CHUNK) is Refusal.QUOTA  # larger than the quota itself
+    assert l1.refusals[Refusal.QUOTA] == 2
+    assert l1.reserve(key(4, "b"), CHUNK) is not Refusal.QUOTA
+
+
+def test_isolated_policy_evicts_from_the_tenant_furthest_over_its_share():
+    l1 = L1Store(6 * CHUNK, policy="isolated")
+    ready(l1, 1, "quiet")
+    for n in range(10, 15):
+        ready(l1, n, "noisy")  # full now: quiet 1, noisy 5
+    l1.touch(l1.get(key(10, "noisy")))
+    ready(l1, 20, "noisy")
+    ready(l1, 21, "quiet")
+    # Under global LRU, quiet's old chunk 1 would have gone first; isolation takes from noisy.
+    assert key(1, "quiet") in l1
+    assert key(21, "quiet") in l1
+    assert l1.ledger.salt_bytes("noisy") == 4 * CHUNK
+
+
+def test_lru_policy_evicts_by_global_recency():
+    l1 = L1Store(2 * CHUNK, policy="lru")
+    ready(l1, 1, "quiet")
+    ready(l1, 2, "noisy")
+    ready(l1, 3, "noisy")
+    assert key(1, "quiet") not in l1
+
+
+def test_isolated_policy_respects_quotas_as_shares():
+    quotas = {"big": 5 * CHUNK, "small": 1 * CHUNK}
+    l1 = L1Store(6 * CHUNK, policy="isolated", quota=quotas.get)
+    for n in range(4):
+        ready(l1, n, "big")
+    ready(l1, 10, "small")
+    ready(l1, 11, "other")  # full: big 4/5 of its share, small 1/1, other 1/3 of an equal split
+    ready(l1, 12, "other")
+    assert l1.ledger.salt_bytes("big") == 4 * CHUNK
+    assert l1.ledger.salt_bytes("small") == 0
+
+
+def test_both_lru_orders_stay_consistent_through_pins_and_clears():
+    l1 = L1Store(8 * CHUNK, policy="isolated")
+    entries = [ready(l1, n, "ab"[n % 2]) for n in range(6)]
+    l1.add_lease(entries[0])
+    l1.pin_reader(entries[1])
+    l1.clear("a")
+    l1.drop_lease(entries[0])
+    l1.unpin_reader(entries[1])
+    assert l1.evict_to(0) == 3  # b's three chunks; a's were cleared
+    assert len(l1) == 0 and l1.ledger.total == 0

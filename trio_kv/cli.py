@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -110,12 +111,12 @@ def _configure_logging(level: str) -> None:
     )
 
 
-async def _serve_until_signal(config: ServerConfig) -> None:
+async def _serve_until_signal(config: ServerConfig, config_path: str | None) -> None:
     from .server import Server
 
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            server = await nursery.start(Server(config).serve)
+            server = await nursery.start(Server(config, config_path=config_path).serve)
             async for signum in signals:
                 log.info("received %s: draining", signal.Signals(signum).name)
                 await server.shutdown()
@@ -144,7 +145,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     _configure_logging(config.log_level)
     try:
-        trio.run(_serve_until_signal, config)
+        trio.run(_serve_until_signal, config, args.config or os.environ.get("TRIO_KV_CONFIG"))
     except (RuntimeError, OSError) as exc:
         print(f"trio-kv serve: {exc}", file=sys.stderr)
         return 1

@@ -53,6 +53,11 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     l2_lookup_timeout_s: float = 0.5
     l2_load_timeout_s: float = 10.0
     l2_load_concurrency: int = 8
+    eviction_policy: str = "isolated"
+    quota_file: str = ""
+    admin: str = "127.0.0.1:8470"
+    no_admin: bool = False
+    admin_token: str = ""
 
     def validate(self) -> ServerConfig:
         """Return self if every value is usable, else raise ConfigError naming the field."""
@@ -90,7 +95,29 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         if self.transfer not in ("auto", "cpu"):
             raise ConfigError(f"transfer: {self.transfer!r} is not one of auto, cpu")
         self.l2_specs()
+        if self.eviction_policy not in ("lru", "isolated"):
+            raise ConfigError(f"eviction_policy: {self.eviction_policy!r} is not one of lru, isolated")
+        self.admin_address()
         return self
+
+    def admin_address(self) -> tuple[str, int]:
+        """``admin`` as (host, port); ConfigError if it is not HOST:PORT."""
+        host, sep, port = self.admin.rpartition(":")
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            raise ConfigError(f"admin: {self.admin!r} is not HOST:PORT (e.g. 127.0.0.1:8470)")
+        return host.strip("[]"), int(port)
+
+    def quota_path(self, config_path: str | None = None) -> str | None:
+        """Where quotas persist: ``quota_file``, else beside the first fs tier, else beside
+        the config file, else nowhere (quotas then last until the server stops)."""
+        if self.quota_file:
+            return self.quota_file
+        for spec in self.l2_specs():
+            if spec.kind == "fs":
+                return os.path.join(spec.location, "trio-kv-quotas.json")
+        if config_path:
+            return os.path.join(os.path.dirname(os.path.abspath(config_path)), "trio-kv-quotas.json")
+        return None
 
     def l2_specs(self) -> list[AdapterSpec]:
         """The parsed ``l2`` entries, in lookup priority order; ConfigError if one is bad."""

@@ -27,7 +27,7 @@ from .keys import (
     token_count,
     validate_request_key,
 )
-from .l1 import Entry, L1Store
+from .l1 import Entry, L1Store, Refusal
 from .leases import LeaseTable
 from .protocol import (
     Clear,
@@ -185,7 +185,7 @@ class CacheEngine:
         chunk_bytes = cache.layout.chunk_bytes(blocks_per_chunk)
 
         reserved: list[tuple[int, Entry]] = []
-        present = no_room = 0
+        present = no_room = over_quota = 0
         committed = False
         try:
             for index, okey in enumerate(object_keys(key, hashes[first:], key.rank), start=first):
@@ -195,9 +195,12 @@ class CacheEngine:
                     self.l1.touch(existing)
                     continue
                 entry = self.l1.reserve(okey, chunk_bytes)
-                if entry is None:
+                if isinstance(entry, Refusal):
                     # Later chunks are useless without this one: a lookup counts leading hits only.
-                    no_room = n_chunks - index
+                    if entry is Refusal.QUOTA:
+                        over_quota = n_chunks - index
+                    else:
+                        no_room = n_chunks - index
                     break
                 reserved.append((index, entry))
             await self._fault_point("store.before_copy")
@@ -220,7 +223,9 @@ class CacheEngine:
             if not committed:
                 for _, entry in reserved:
                     self.l1.abort(entry)
-        return StoreResult(stored=len(reserved), skipped_present=present, skipped_no_room=no_room)
+        return StoreResult(
+            stored=len(reserved), skipped_present=present, skipped_no_room=no_room, skipped_quota=over_quota
+        )
 
     async def lookup(self, request: Lookup) -> LookupResult:
         """Count the leading chunks held for every rank (or the key's rank), loading what L2
@@ -403,6 +408,7 @@ class CacheEngine:
                     load_failures=counters.load_failures,
                     lookup_errors=counters.lookup_errors,
                     evictions=adapter.evictions,
+                    quota_skips=counters.quota_skips,
                 )
             )
         return statuses

@@ -14,17 +14,25 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 
 import torch
 import trio
 
 from .allocator import ExtentAllocator
+from .eviction import POLICIES, choose_victim_salt
 from .keys import ObjectKey
 from .ledger import ByteLedger
 
 log = logging.getLogger(__name__)
+
+
+class Refusal(enum.Enum):
+    """Why ``reserve`` could not take room."""
+
+    QUOTA = "quota"  # the tenant is at its quota and has nothing of its own left to evict
+    CAPACITY = "capacity"  # the arena is full of pinned or half-written chunks
 
 
 class EntryState(enum.Enum):
@@ -65,7 +73,11 @@ class L1Store:
         low_watermark: float = 0.90,
         arena: torch.Tensor | None = None,
         alignment: int = 4096,
+        policy: str = "lru",
+        quota: Callable[[str], int | None] | None = None,
     ) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         if not 0.0 < low_watermark <= high_watermark <= 1.0:
             raise ValueError("watermarks must satisfy 0 < low <= high <= 1")
         self.allocator = ExtentAllocator(capacity, alignment)
@@ -79,9 +91,14 @@ class L1Store:
         self.low_watermark = low_watermark
         self._entries: dict[ObjectKey, Entry] = {}
         self._evictable: OrderedDict[ObjectKey, Entry] = OrderedDict()  # least recent first
+        self._evictable_by_salt: dict[str, OrderedDict[ObjectKey, Entry]] = {}
+        self.policy = policy
+        self.quota = quota
         self._doomed: set[Entry] = set()
         self._watermark_wakeup = trio.Event()
         self.evictions = 0
+        self.evictions_by_reason: Counter[str] = Counter()
+        self.refusals: Counter[Refusal] = Counter()
         self.eviction_listeners: list[Callable[[Entry, str], None]] = []
 
     # ------------------------------------------------------------ queries
@@ -113,25 +130,37 @@ class L1Store:
 
     # ------------------------------------------------------------ writing
 
-    def reserve(self, key: ObjectKey, nbytes: int) -> Entry | None:
-        """Take room for a new chunk (evicting LRU chunks if needed); None if it cannot fit."""
+    def reserve(self, key: ObjectKey, nbytes: int) -> Entry | Refusal:
+        """Take room for a new chunk, evicting if needed: first the tenant's own least recent
+        chunks while it is at its quota, then by policy while the arena is full."""
         if key in self._entries:
             raise KeyError(f"{key} is already present")
+        salt = key.cache_salt
         size = self.allocator.rounded(nbytes)
+        limit = self.quota(salt) if self.quota is not None else None
+        if limit is not None:
+            while self.ledger.salt_bytes(salt) + size > limit:
+                if size > limit or not self._evictable_by_salt.get(salt):
+                    return self._refuse(Refusal.QUOTA)
+                self._evict_one("quota", salt)
         if size > self.capacity:
-            return None
+            return self._refuse(Refusal.CAPACITY)
         offset = self.allocator.allocate(size)
         while offset is None and self._evictable:
             self._evict_one("capacity")
             offset = self.allocator.allocate(size)
         if offset is None:
-            return None
+            return self._refuse(Refusal.CAPACITY)
         entry = Entry(key, offset, size, nbytes)
         self._entries[key] = entry
-        self.ledger.charge(key.cache_salt, size)
+        self.ledger.charge(salt, size)
         if self.allocator.used > self.high_watermark * self.capacity:
             self._watermark_wakeup.set()
         return entry
+
+    def _refuse(self, reason: Refusal) -> Refusal:
+        self.refusals[reason] += 1
+        return reason
 
     def commit(self, entry: Entry) -> None:
         """WRITING -> READY. A doomed entry is freed instead."""
@@ -141,7 +170,7 @@ class L1Store:
         if entry.doomed:
             self._release_doomed(entry)
         else:
-            self._evictable[entry.key] = entry
+            self._add_evictable(entry)
 
     def abort(self, entry: Entry) -> None:
         """Free a reservation whose copy failed or was cancelled."""
@@ -156,8 +185,9 @@ class L1Store:
 
     def touch(self, entry: Entry) -> None:
         """Mark as most recently used."""
-        if entry.key in self._evictable and self._evictable[entry.key] is entry:
+        if self._evictable.get(entry.key) is entry:
             self._evictable.move_to_end(entry.key)
+            self._evictable_by_salt[entry.key.cache_salt].move_to_end(entry.key)
 
     def pin_reader(self, entry: Entry) -> None:
         self._pin(entry)
@@ -182,8 +212,7 @@ class L1Store:
     def _pin(self, entry: Entry) -> None:
         if entry.state is not EntryState.READY:
             raise ValueError(f"only ready entries can be pinned: {entry}")
-        if self._evictable.get(entry.key) is entry:
-            del self._evictable[entry.key]
+        self._remove_evictable(entry)
 
     def _after_unpin(self, entry: Entry) -> None:
         if entry.pinned:
@@ -191,7 +220,7 @@ class L1Store:
         if entry.doomed:
             self._release_doomed(entry)
         elif self._entries.get(entry.key) is entry:
-            self._evictable[entry.key] = entry  # just used: most recent
+            self._add_evictable(entry)  # just used: most recent
 
     # ------------------------------------------------------------ eviction
 
@@ -219,7 +248,7 @@ class L1Store:
             removed += 1
             if entry.state is EntryState.WRITING or entry.readers > 0:
                 del self._entries[key]
-                self._evictable.pop(key, None)
+                self._remove_evictable(entry)
                 entry.doomed = True
                 self._doomed.add(entry)
             else:
@@ -227,16 +256,36 @@ class L1Store:
                 self._free(entry)
         return removed, freed
 
-    def _evict_one(self, reason: str) -> None:
-        _, entry = self._evictable.popitem(last=False)
+    def _evict_one(self, reason: str, salt: str | None = None) -> None:
+        """Evict one chunk: ``salt``'s least recent, or the policy's choice."""
+        if salt is None and self.policy == "isolated":
+            salt = choose_victim_salt(
+                self._evictable_by_salt, self.ledger.bytes_by_salt, self.capacity, self.quota
+            )
+        lru = self._evictable if salt is None else self._evictable_by_salt[salt]
+        entry = next(iter(lru.values()))  # _free below unlinks it from both orders
         self.evictions += 1
+        self.evictions_by_reason[reason] += 1
         self._free(entry)
         for listener in self.eviction_listeners:
             listener(entry, reason)
 
+    def _add_evictable(self, entry: Entry) -> None:
+        self._evictable[entry.key] = entry
+        self._evictable_by_salt.setdefault(entry.key.cache_salt, OrderedDict())[entry.key] = entry
+
+    def _remove_evictable(self, entry: Entry) -> None:
+        if self._evictable.get(entry.key) is not entry:
+            return
+        del self._evictable[entry.key]
+        bucket = self._evictable_by_salt[entry.key.cache_salt]
+        del bucket[entry.key]
+        if not bucket:
+            del self._evictable_by_salt[entry.key.cache_salt]
+
     def _free(self, entry: Entry) -> None:
         del self._entries[entry.key]
-        self._evictable.pop(entry.key, None)
+        self._remove_evictable(entry)
         self._release_bytes(entry)
 
     def _release_doomed(self, entry: Entry) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import MappingProxyType
 
 import msgspec
@@ -113,6 +113,7 @@ class KeyedLedger(ByteLedger):
     def __init__(self, capacity: int | None) -> None:
         super().__init__(capacity)
         self._sizes: OrderedDict[ObjectKey, int] = OrderedDict()
+        self._salt_order: dict[str, OrderedDict[ObjectKey, None]] = {}
         self._key_listeners: list[LedgerListener] = []
 
     def __len__(self) -> int:
@@ -136,10 +137,11 @@ class KeyedLedger(ByteLedger):
             if size < 0:
                 raise ValueError(f"negative size {size} for {key}")
             if key in self._sizes:
-                self._sizes.move_to_end(key)
+                self._refresh(key)
                 touched.append(key)
                 continue
             self._sizes[key] = size
+            self._salt_order.setdefault(key.cache_salt, OrderedDict())[key] = None
             self.charge(key.cache_salt, size)
             added += size
             fresh.append(key)
@@ -151,7 +153,7 @@ class KeyedLedger(ByteLedger):
         """Mark keys as just used (a read hit)."""
         present = [k for k in keys if k in self._sizes]
         for key in present:
-            self._sizes.move_to_end(key)
+            self._refresh(key)
         self._notify_keys("touch", present)
 
     def remove(self, keys: Sequence[ObjectKey]) -> int:
@@ -161,22 +163,49 @@ class KeyedLedger(ByteLedger):
             size = self._sizes.pop(key, None)
             if size is None:
                 continue
+            order = self._salt_order[key.cache_salt]
+            del order[key]
+            if not order:
+                del self._salt_order[key.cache_salt]
             self.release(key.cache_salt, size)
             removed += size
             gone.append(key)
         self._notify_keys("remove", gone)
         return removed
 
-    def least_recent(self) -> Iterator[ObjectKey]:
-        """Keys from least to most recently used (a snapshot: safe to mutate while iterating)."""
-        return iter(list(self._sizes))
+    def least_recent(self, salt: str | None = None) -> Iterator[ObjectKey]:
+        """Keys (of one salt, or all) from least to most recently used; a snapshot, so the
+        ledger may change while it is iterated."""
+        if salt is None:
+            return iter(list(self._sizes))
+        return iter(list(self._salt_order.get(salt, ())))
+
+    def oldest(
+        self, salt: str | None = None, skip: Callable[[ObjectKey], bool] | None = None
+    ) -> ObjectKey | None:
+        """The least recently used key (of one salt, or of all) that ``skip`` does not reject;
+        walks the live order without copying it."""
+        order: Iterable[ObjectKey] = self._sizes if salt is None else self._salt_order.get(salt, ())
+        for key in order:
+            if skip is None or not skip(key):
+                return key
+        return None
 
     def keys_of_salt(self, salt: str) -> list[ObjectKey]:
-        return [k for k in self._sizes if k.cache_salt == salt]
+        return list(self._salt_order.get(salt, ()))
+
+    def salts(self) -> list[str]:
+        """Salts that hold at least one key."""
+        return list(self._salt_order)
+
+    def _refresh(self, key: ObjectKey) -> None:
+        self._sizes.move_to_end(key)
+        self._salt_order[key.cache_salt].move_to_end(key)
 
     def clear_keys(self) -> None:
         gone = list(self._sizes)
         self._sizes.clear()
+        self._salt_order.clear()
         self.reset()
         self._notify_keys("remove", gone)
 

@@ -162,11 +162,13 @@ class Unregistered(_Message, tag="unregistered"):
 
 
 class StoreResult(_Message, tag="stored"):
-    """Chunk counts: written now, already present (or being written), skipped for lack of room."""
+    """Chunk counts: written now, already present (or being written), skipped for lack of
+    room, skipped because the tenant is at its L1 quota with nothing of its own to evict."""
 
     stored: int
     skipped_present: int
     skipped_no_room: int
+    skipped_quota: int = 0
 
 
 class LookupResult(_Message, tag="looked_up"):
@@ -224,6 +226,7 @@ class TierStatus(msgspec.Struct, frozen=True):
     load_failures: int
     lookup_errors: int
     evictions: int
+    quota_skips: int = 0
 
 
 class StatusResult(_Message, tag="status_ok"):

@@ -45,6 +45,7 @@ from .protocol import (
     encode,
     error_reply,
 )
+from .quotas import L1_TIER, QuotaBook
 from .tiering import Tiering, TieringSettings
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,9 @@ def _remove_stale_socket(path: str) -> None:
 class Server:
     """A trio-kv server: build it from a config, then ``await nursery.start(server.serve)``."""
 
-    def __init__(self, config: ServerConfig, *, faults: FaultHook | None = None) -> None:
+    def __init__(
+        self, config: ServerConfig, *, faults: FaultHook | None = None, config_path: str | None = None
+    ) -> None:
         self.config = config
         self.limits = Limits(
             max_message_bytes=config.max_message_bytes,
@@ -94,13 +97,19 @@ class Server:
             max_sessions=config.max_sessions,
             limits=self.limits,
         )
+        self.adapters = [build_adapter(spec) for spec in config.l2_specs()]
+        self.quotas = QuotaBook([L1_TIER, *(a.name for a in self.adapters)], config.quota_path(config_path))
         self.l1 = L1Store(
             config.l1_size,
             high_watermark=config.evict_high_watermark,
             low_watermark=config.evict_low_watermark,
+            policy=config.eviction_policy,
+            quota=self.quotas.limiter(L1_TIER),
         )
+        for adapter in self.adapters:
+            adapter.policy = config.eviction_policy
+            adapter.quota = self.quotas.limiter(adapter.name)
         transfer = select_backend(config.transfer, threads=config.copy_threads, shm_dir=config.shm_dir)
-        self.adapters = [build_adapter(spec) for spec in config.l2_specs()]
         self.tiering = (
             Tiering(
                 self.l1,

@@ -20,9 +20,9 @@ from collections.abc import Sequence
 import msgspec
 import trio
 
-from .adapters.base import AdapterError, L2Adapter
+from .adapters.base import AdapterError, L2Adapter, QuotaExceeded
 from .keys import ObjectKey
-from .l1 import Entry, L1Store
+from .l1 import Entry, L1Store, Refusal
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ class TierCounters:
         self.skipped_evicted = 0  # evicted from L1 before its turn
         self.written = 0
         self.write_failures = 0
+        self.quota_skips = 0  # the tenant was at its quota in this tier
         self.loads = 0
         self.load_failures = 0
         self.lookup_errors = 0
@@ -131,6 +132,8 @@ class Tiering:
         try:
             await tier.adapter.put(entry.key, self.l1.buffer(entry))
             tier.counters.written += 1
+        except QuotaExceeded:
+            tier.counters.quota_skips += 1
         except AdapterError as exc:
             tier.counters.write_failures += 1
             log.warning("%s: write-behind of a chunk failed: %s", tier.adapter.name, exc)
@@ -205,7 +208,7 @@ class Tiering:
                 continue
             assert tier is not None
             entry = self.l1.reserve(key, size)
-            if entry is None:
+            if isinstance(entry, Refusal):
                 for done, _ in taken:
                     self.l1.abort(done)
                 return None

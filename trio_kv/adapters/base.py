@@ -16,11 +16,12 @@ from __future__ import annotations
 import abc
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import msgspec
 import trio
 
+from ..eviction import choose_victim_salt
 from ..keys import ObjectKey
 from ..ledger import AdapterUsage, KeyedLedger
 
@@ -29,6 +30,10 @@ log = logging.getLogger(__name__)
 
 class AdapterError(Exception):
     """An adapter operation failed (I/O error, endpoint down, breaker open)."""
+
+
+class QuotaExceeded(AdapterError):
+    """The tenant is at its quota in this tier and has nothing of its own left to evict."""
 
 
 class AdapterHealth(msgspec.Struct, frozen=True):
@@ -61,6 +66,10 @@ class L2Adapter(abc.ABC):
         self.low_watermark = low_watermark
         self.limiter = trio.CapacityLimiter(max_threads)
         self._pins: Counter[ObjectKey] = Counter()
+        # Set by the server: the eviction policy and the per-salt quota of this tier.
+        self.policy = "lru"
+        self.quota: Callable[[str], int | None] | None = None
+        self.quota_skips = 0
         self._evict_wakeup = trio.Event()
         self.evictions = 0
         self.errors = 0
@@ -97,10 +106,13 @@ class L2Adapter(abc.ABC):
     # ------------------------------------------------------------ public API
 
     async def put(self, key: ObjectKey, payload: memoryview) -> bool:
-        """Store one object. Returns False (without writing) if it is already stored."""
+        """Store one object. Returns False (without writing) if it is already stored.
+        A tenant at its quota first evicts its own least recent objects; if that cannot
+        make room, QuotaExceeded is raised and nothing is written."""
         if key in self.ledger:
             self.ledger.touch([key])
             return False
+        await self._admit(key.cache_salt, len(payload))
         await self._put(key, payload)
         self.ledger.add([key], [len(payload)])
         if self._over_high_watermark():
@@ -120,6 +132,19 @@ class L2Adapter(abc.ABC):
             # Gone or corrupt behind our back: the ledger must not count it.
             self.ledger.remove([key])
         return hit
+
+    async def _admit(self, salt: str, size: int) -> None:
+        limit = self.quota(salt) if self.quota is not None else None
+        if limit is None:
+            return
+        while self.ledger.salt_bytes(salt) + size > limit:
+            victim = self.ledger.oldest(salt, skip=self.is_pinned)
+            if size > limit or victim is None:
+                self.quota_skips += 1
+                raise QuotaExceeded(f"{self.name}: salt {salt!r} is at its quota of {limit} bytes")
+            await self._delete([victim])
+            self.ledger.remove([victim])
+            self.evictions += 1
 
     async def contains(self, keys: Sequence[ObjectKey]) -> list[bool]:
         return await self._contains(keys)
@@ -189,15 +214,27 @@ class L2Adapter(abc.ABC):
                 await trio.sleep(1.0)  # back off before trying again
 
     async def evict_to(self, target_bytes: int) -> int:
-        """Delete least recently used, unpinned objects until usage is at most ``target_bytes``."""
+        """Delete unpinned objects until usage is at most ``target_bytes``: least recently
+        used first, or, under the isolated policy, from the tenant furthest over its share."""
         evicted = 0
-        for key in self.ledger.least_recent():
-            if self.ledger.total <= target_bytes:
+        while self.ledger.total > target_bytes:
+            victim = self._next_victim()
+            if victim is None:
                 break
-            if self._pins[key] or key not in self.ledger:
-                continue
-            await self._delete([key])
-            self.ledger.remove([key])
+            await self._delete([victim])
+            self.ledger.remove([victim])
             evicted += 1
-        self.evictions += evicted
+            self.evictions += 1
         return evicted
+
+    def is_pinned(self, key: ObjectKey) -> bool:
+        return self._pins[key] > 0
+
+    def _next_victim(self) -> ObjectKey | None:
+        pinned = self.is_pinned
+        if self.policy != "isolated":
+            return self.ledger.oldest(skip=pinned)
+        candidates = {s: self.ledger.oldest(s, skip=pinned) for s in self.ledger.salts()}
+        evictable = {s: k for s, k in candidates.items() if k is not None}
+        salt = choose_victim_salt(evictable, self.ledger.bytes_by_salt, self.ledger.capacity or 0, self.quota)
+        return None if salt is None else evictable[salt]
