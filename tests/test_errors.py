@@ -202,3 +202,15 @@ async def test_server_survives_a_barrage_of_garbage(server):
     async with await AsyncClient.connect(server.url) as client:
         await client.ping()
     assert_no_leaks(server)
+
+
+async def test_too_many_chunk_keys_is_a_limit_error():
+    async with running_server(chunk_size=CHUNK, max_keys_per_request=8) as server:
+        async with await AsyncClient.connect(server.url) as client:
+            # 4 chunks x 4 ranks = 16 keys: refused before a single key is built.
+            await expect_error(
+                client.lookup(key(list(range(4 * CHUNK)), rank=None, world_size=4)),
+                ErrorCode.LIMIT_EXCEEDED,
+                "chunk keys",
+            )
+            assert (await client.lookup(key(list(range(4 * CHUNK)), rank=None, world_size=2))).hit_tokens == 0

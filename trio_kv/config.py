@@ -41,6 +41,7 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_tokens_per_key: int = 1 << 20
     max_block_ids: int = 1 << 20
     max_world_size: int = 1024
+    max_keys_per_request: int = 1 << 18
     workers: int = 64
     copy_threads: int = 2
     evict_high_watermark: float = 0.95
@@ -77,6 +78,7 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             "max_tokens_per_key": self.max_tokens_per_key,
             "max_block_ids": self.max_block_ids,
             "max_world_size": self.max_world_size,
+            "max_keys_per_request": self.max_keys_per_request,
             "workers": self.workers,
             "copy_threads": self.copy_threads,
             "l2_queue_size": self.l2_queue_size,

@@ -137,6 +137,13 @@ class CacheEngine:
                 ErrorCode.LIMIT_EXCEEDED, f"world_size {key.world_size} exceeds {limits.max_world_size}"
             )
         validate_request_key(key, needs_rank=needs_rank)
+        ranks = key.world_size if key.rank is None else 1
+        n_keys = effective_end(key) // self.chunk_size * ranks
+        if n_keys > limits.max_keys_per_request:
+            raise TrioKVError(
+                ErrorCode.LIMIT_EXCEEDED,
+                f"the request names {n_keys} chunk keys (chunks x ranks); the limit is {limits.max_keys_per_request}",
+            )
 
     def _check_blocks(self, block_ids: Sequence[int], cache: MappedKVCache) -> None:
         if len(block_ids) > self.settings.limits.max_block_ids:

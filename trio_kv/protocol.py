@@ -138,6 +138,7 @@ class Limits(msgspec.Struct, array_like=True, frozen=True):
     max_tokens_per_key: int
     max_block_ids: int
     max_world_size: int
+    max_keys_per_request: int = 1 << 18  # chunks x ranks one request may name
 
 
 class HelloOk(_Message, tag="hello_ok"):

@@ -89,6 +89,7 @@ class Server:
             max_tokens_per_key=config.max_tokens_per_key,
             max_block_ids=config.max_block_ids,
             max_world_size=config.max_world_size,
+            max_keys_per_request=config.max_keys_per_request,
         )
         settings = EngineSettings(
             chunk_size=config.chunk_size,
