@@ -150,3 +150,26 @@ def test_help_explains_the_defaults():
     out = subprocess.run([*TRIO_KV, "serve", "--help"], capture_output=True, text=True, check=True)
     assert "ipc:///tmp/trio-kv.sock" in out.stdout
     assert "TRIO_KV_" in out.stdout
+
+
+def test_socket_mode_can_open_the_socket_to_the_group(socket_url):
+    url, path = socket_url
+    proc = start_server(url, TRIO_KV_SOCKET_MODE="0660")
+    try:
+        wait_for_ping(url)
+        assert (path.stat().st_mode & 0o777) == 0o660
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=20)
+
+
+def test_socket_mode_never_opens_the_socket_to_others():
+    out = subprocess.run(
+        [*TRIO_KV, "serve", "--print-config"],
+        env=clean_env(TRIO_KV_SOCKET_MODE="0666"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert "nothing to others" in out.stderr

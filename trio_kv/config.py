@@ -47,6 +47,7 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     evict_high_watermark: float = 0.95
     evict_low_watermark: float = 0.90
     shm_dir: str = "/dev/shm"
+    socket_mode: str = "0600"
     transfer: str = "auto"
     l2: list[str] = msgspec.field(default_factory=list)
     l2_queue_size: int = 1024
@@ -97,10 +98,26 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         if self.transfer not in ("auto", "cpu"):
             raise ConfigError(f"transfer: {self.transfer!r} is not one of auto, cpu")
         self.l2_specs()
+        self.socket_permissions()
         if self.eviction_policy not in ("lru", "isolated"):
             raise ConfigError(f"eviction_policy: {self.eviction_policy!r} is not one of lru, isolated")
         self.admin_address()
         return self
+
+    def socket_permissions(self) -> int:
+        """``socket_mode`` as an int: owner read/write always, group optional, never others."""
+        try:
+            mode = int(self.socket_mode, 8)
+        except ValueError:
+            raise ConfigError(
+                f"socket_mode: {self.socket_mode!r} is not an octal mode like 0600 or 0660"
+            ) from None
+        if mode & 0o600 != 0o600 or mode & ~0o660:
+            raise ConfigError(
+                f"socket_mode: {self.socket_mode} must give the owner read/write and nothing to others "
+                "(0600, 0620, 0640 or 0660)"
+            )
+        return mode
 
     def admin_address(self) -> tuple[str, int]:
         """``admin`` as (host, port); ConfigError if it is not HOST:PORT."""

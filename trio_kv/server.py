@@ -186,10 +186,16 @@ class Server:
             _remove_stale_socket(path)
         sock = pynng.Rep0(recv_max_size=self.config.max_message_bytes * _RECV_SLACK)
         self._sockets.append(sock)
-        sock.listen(url)
+        mode = self.config.socket_permissions()
+        # The socket file is born with the final mode (umask), so it is never open to others.
+        previous_umask = os.umask(0o777 & ~mode)
+        try:
+            sock.listen(url)
+        finally:
+            os.umask(previous_umask)
         if path is not None:
             self._socket_files.append(path)
-            os.chmod(path, 0o600)
+            os.chmod(path, mode)
         return sock
 
     def _close_sockets(self) -> None:
