@@ -230,7 +230,7 @@ async def test_a_failed_load_is_a_miss_and_frees_its_reservation(kv):
         r.assert_clean()
 
 
-async def test_a_lookup_cancelled_while_loading_leaves_no_trace(kv):
+async def test_a_lookup_cancelled_while_loading_hands_its_loads_over_and_leaks_nothing(kv):
     async with rig(kv) as r:
         await r.store()
         await trio.testing.wait_all_tasks_blocked()
@@ -239,11 +239,49 @@ async def test_a_lookup_cancelled_while_loading_leaves_no_trace(kv):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(r.lookup)
             await trio.testing.wait_all_tasks_blocked()
-            assert len(r.l1) > 0  # reservations taken, loads stuck
+            assert len(r.l1) == 4  # reservations taken, loads stuck
             nursery.cancel_scope.cancel()
+        # The loads outlive the cancelled lookup and still own their reservations.
+        assert all(e.state.value == "writing" for e in r.l1.entries())
         r.adapters[0].unstall()
-        assert len(r.l1) == 0
+        await trio.testing.wait_all_tasks_blocked()
+        # They arrived late: kept as ordinary cached chunks, leased to nobody.
+        assert all(e.state.value == "ready" and not e.pinned for e in r.l1.entries())
+        assert r.tiering.counters(r.adapters[0]).load_timeouts == 4
         r.assert_clean(leases_allowed=False)
+
+
+async def test_a_hung_load_is_abandoned_at_the_deadline_and_kept_when_it_lands(kv, autojump_clock):
+    async with rig(kv, load_timeout_s=2.0) as r:
+        await r.store()
+        await trio.testing.wait_all_tasks_blocked()
+        r.clear_l1()
+        r.adapters[0].stall("get")
+        start = trio.current_time()
+        found = await r.lookup()
+        assert trio.current_time() - start == pytest.approx(2.0)
+        assert found.hit_tokens == 0
+        r.adapters[0].unstall()
+        await trio.testing.wait_all_tasks_blocked()
+        again = await r.lookup()
+        assert (again.l1_chunks, again.l2_chunks) == (4, 0)
+        r.assert_clean()
+
+
+async def test_a_hung_put_is_abandoned_at_the_deadline_and_unpins_when_it_returns(kv, autojump_clock):
+    async with rig(kv, write_timeout_s=5.0, writers_per_adapter=1, max_inflight_writes=2) as r:
+        adapter = r.adapters[0]
+        adapter.stall("put")
+        await r.store()
+        await trio.sleep(11)  # two puts time out in turn; their slots stay taken
+        counters = r.tiering.counters(adapter)
+        assert counters.write_timeouts == 2
+        # Only the hung puts pin L1; the writer waits for a slot instead of pinning more.
+        assert sum(1 for e in r.l1.entries() if e.readers) == 2
+        adapter.unstall()
+        await trio.testing.wait_all_tasks_blocked()
+        assert counters.written == 4
+        r.assert_clean()
 
 
 @pytest.mark.parametrize("mode", ["raise", "hang"])
@@ -251,6 +289,7 @@ async def test_a_lookup_failing_before_prefetch_leaves_no_trace(kv, mode):
     injector = FaultInjector("lookup.before_prefetch", mode)
     async with rig(kv, faults=injector) as r:
         await r.store(TOKENS[: 2 * CHUNK])
+        await trio.testing.wait_all_tasks_blocked()  # write-behind done: its pins are gone
         async with trio.open_nursery() as nursery:
 
             async def lookup() -> None:

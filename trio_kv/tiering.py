@@ -10,6 +10,14 @@ holds (bounded by ``lookup_timeout_s``); the first adapter in config order that
 holds a key serves it. Only the contiguous prefix is loaded, into fresh L1
 reservations, bounded by ``load_timeout_s``; what loads is committed, pinned
 for the caller and written behind to the *other* adapters.
+
+Hung adapters: every adapter call runs as a task in this layer's own nursery,
+and the request that wanted it waits only until its deadline. A call that
+outlives its deadline is *abandoned*, not cancelled (a thread blocked in I/O
+cannot be): its task keeps the L1 pin or reservation it works on until the call
+really returns, then releases it (keeping a late load if it succeeded). Calls
+in flight per adapter are bounded, so a dead endpoint fills its queue and
+drops, never the event loop or L1.
 """
 
 from __future__ import annotations
@@ -33,6 +41,8 @@ class TieringSettings(msgspec.Struct, frozen=True):
     lookup_timeout_s: float = 0.5
     load_timeout_s: float = 10.0
     load_concurrency: int = 8
+    write_timeout_s: float = 30.0
+    max_inflight_writes: int = 16
 
 
 class TierCounters:
@@ -45,16 +55,32 @@ class TierCounters:
         self.written = 0
         self.write_failures = 0
         self.quota_skips = 0  # the tenant was at its quota in this tier
+        self.write_timeouts = 0  # puts abandoned at their deadline (they finish on their own)
         self.loads = 0
         self.load_failures = 0
+        self.load_timeouts = 0  # loads abandoned at the lookup's deadline
         self.lookup_errors = 0
 
 
 class _Tier:
-    def __init__(self, adapter: L2Adapter, queue_size: int) -> None:
+    def __init__(self, adapter: L2Adapter, queue_size: int, max_inflight_writes: int) -> None:
         self.adapter = adapter
         self.send, self.receive = trio.open_memory_channel[Entry](queue_size)
         self.counters = TierCounters()
+        self.inflight_writes = trio.CapacityLimiter(max_inflight_writes)
+
+
+class _Load:
+    """One load's hand-off between the lookup that wants it and the task that runs it."""
+
+    __slots__ = ("abandoned", "entry", "finished", "hit", "tier")
+
+    def __init__(self, entry: Entry, tier: _Tier) -> None:
+        self.entry = entry
+        self.tier = tier
+        self.finished = False
+        self.hit = False
+        self.abandoned = False  # the lookup stopped waiting: the task now owns the reservation
 
 
 class Prefetched:
@@ -80,7 +106,8 @@ class Tiering:
     def __init__(self, l1: L1Store, adapters: Sequence[L2Adapter], settings: TieringSettings) -> None:
         self.l1 = l1
         self.settings = settings
-        self.tiers = [_Tier(a, settings.queue_size) for a in adapters]
+        self.tiers = [_Tier(a, settings.queue_size, settings.max_inflight_writes) for a in adapters]
+        self._nursery: trio.Nursery | None = None
         self._load_limiter = trio.CapacityLimiter(settings.load_concurrency)
         self._known_sizes: dict[tuple[str, int], int] = {}
 
@@ -114,6 +141,7 @@ class Tiering:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Write-behind workers for every adapter (the adapters' own task groups run beside)."""
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             for tier in self.tiers:
                 for _ in range(self.settings.writers_per_adapter):
                     nursery.start_soon(self._writer, tier, tier.receive.clone())
@@ -128,7 +156,21 @@ class Tiering:
         if self.l1.get_ready(entry.key) is not entry:
             tier.counters.skipped_evicted += 1
             return
+        done = trio.Event()
+        # Taken before the pin: with every slot held by hung puts, the writer waits here
+        # (and the queue fills and drops) instead of pinning ever more of L1.
+        await tier.inflight_writes.acquire_on_behalf_of(done)
         self.l1.pin_reader(entry)  # not evicted (nor freed) mid-copy
+        self._call_nursery().start_soon(self._put, tier, entry, done)
+        with trio.move_on_after(self.settings.write_timeout_s):
+            await done.wait()
+        if not done.is_set():
+            tier.counters.write_timeouts += 1
+            log.warning(
+                "%s: a put outlived %.1f s; moving on", tier.adapter.name, self.settings.write_timeout_s
+            )
+
+    async def _put(self, tier: _Tier, entry: Entry, done: trio.Event) -> None:
         try:
             await tier.adapter.put(entry.key, self.l1.buffer(entry))
             tier.counters.written += 1
@@ -139,6 +181,13 @@ class Tiering:
             log.warning("%s: write-behind of a chunk failed: %s", tier.adapter.name, exc)
         finally:
             self.l1.unpin_reader(entry)
+            tier.inflight_writes.release_on_behalf_of(done)
+            done.set()
+
+    def _call_nursery(self) -> trio.Nursery:
+        if self._nursery is None:
+            raise RuntimeError("Tiering.run() must be started before adapters are called")
+        return self._nursery
 
     # ------------------------------------------------------------ prefetch
 
@@ -158,7 +207,9 @@ class Tiering:
                 if planned is None:
                     break
                 plan.append(planned)
-            loaded = await self._load_all(reserved)
+            loaded, abandoned = await self._load_all(reserved)
+            # Abandoned loads own their reservations now; the rest are ours to settle.
+            reserved = [(e, t) for e, t in reserved if e not in abandoned]
             for entry, tier in reserved:
                 if entry in loaded:
                     self.l1.commit(entry)
@@ -222,24 +273,33 @@ class Tiering:
         return size if size is not None else self._known_sizes.get((key.model, key.world_size))
 
     async def _locate(self, keys: list[ObjectKey]) -> dict[ObjectKey, _Tier]:
-        """Ask every adapter at once; for each key, the first adapter (config order) that holds it."""
+        """Ask every adapter at once; for each key, the first adapter (config order) that holds it.
+        Adapters that have not answered by the lookup deadline count as holding nothing."""
         if not keys or not self.tiers:
             return {}
         answers: list[list[bool] | None] = [None] * len(self.tiers)
+        pending = [len(self.tiers)]
+        all_answered = trio.Event()
 
         async def ask(index: int, tier: _Tier) -> None:
             try:
-                answers[index] = await tier.adapter.contains(keys)
+                answer = await tier.adapter.contains(keys)
             except AdapterError as exc:
                 tier.counters.lookup_errors += 1
                 log.debug("%s: contains failed: %s", tier.adapter.name, exc)
+            else:
+                answers[index] = answer
+            finally:
+                pending[0] -= 1
+                if not pending[0]:
+                    all_answered.set()
 
+        for index, tier in enumerate(self.tiers):
+            self._call_nursery().start_soon(ask, index, tier)
         with trio.move_on_after(self.settings.lookup_timeout_s):
-            async with trio.open_nursery() as nursery:
-                for index, tier in enumerate(self.tiers):
-                    nursery.start_soon(ask, index, tier)
+            await all_answered.wait()
         sources: dict[ObjectKey, _Tier] = {}
-        for tier, answer in zip(self.tiers, answers):
+        for tier, answer in zip(self.tiers, list(answers)):
             if answer is None:
                 continue
             for key, held in zip(keys, answer):
@@ -247,25 +307,49 @@ class Tiering:
                     sources[key] = tier
         return sources
 
-    async def _load_all(self, reserved: list[tuple[Entry, _Tier]]) -> set[Entry]:
-        loaded: set[Entry] = set()
+    async def _load_all(self, reserved: list[tuple[Entry, _Tier]]) -> tuple[set[Entry], set[Entry]]:
+        """Load every reservation; returns (entries loaded, entries abandoned at the deadline)."""
+        loads = [_Load(entry, tier) for entry, tier in reserved]
+        if not loads:
+            return set(), set()
+        pending = [len(loads)]
+        all_done = trio.Event()
+        for load in loads:
+            self._call_nursery().start_soon(self._load, load, pending, all_done)
+        try:
+            with trio.move_on_after(self.settings.load_timeout_s):
+                await all_done.wait()
+        finally:
+            # On the deadline, or if the lookup itself is cancelled: hand over what is still running.
+            for load in loads:
+                if not load.finished:
+                    load.abandoned = True
+                    load.tier.counters.load_timeouts += 1
+        loaded = {load.entry for load in loads if load.finished and load.hit}
+        abandoned = {load.entry for load in loads if load.abandoned}
+        return loaded, abandoned
 
-        async def load(entry: Entry, tier: _Tier) -> None:
+    async def _load(self, load: _Load, pending: list[int], all_done: trio.Event) -> None:
+        tier, entry = load.tier, load.entry
+        try:
             async with self._load_limiter:
-                try:
-                    hit = await tier.adapter.get_into(entry.key, self.l1.buffer(entry))
-                except AdapterError as exc:
-                    tier.counters.load_failures += 1
-                    log.warning("%s: load failed: %s", tier.adapter.name, exc)
-                    return
-            if hit:
+                load.hit = await tier.adapter.get_into(entry.key, self.l1.buffer(entry))
+            if load.hit:
                 tier.counters.loads += 1
-                loaded.add(entry)
             else:
                 tier.counters.load_failures += 1
-
-        with trio.move_on_after(self.settings.load_timeout_s):
-            async with trio.open_nursery() as nursery:
-                for entry, tier in reserved:
-                    nursery.start_soon(load, entry, tier)
-        return loaded
+        except AdapterError as exc:
+            tier.counters.load_failures += 1
+            log.warning("%s: load failed: %s", tier.adapter.name, exc)
+        finally:
+            load.finished = True
+            pending[0] -= 1
+            if not pending[0]:
+                all_done.set()
+            if load.abandoned:
+                # Nobody waits for this chunk any more: keep it if it arrived, else free it.
+                if load.hit:
+                    self.l1.commit(entry)
+                    self.write_behind([entry], source=tier.adapter)
+                else:
+                    self.l1.abort(entry)
