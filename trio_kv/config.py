@@ -55,6 +55,8 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     l2_lookup_timeout_s: float = 0.5
     l2_load_timeout_s: float = 10.0
     l2_load_concurrency: int = 8
+    l2_write_timeout_s: float = 30.0
+    l2_max_inflight_writes: int = 16
     eviction_policy: str = "isolated"
     quota_file: str = ""
     admin: str = "127.0.0.1:8470"
@@ -87,6 +89,8 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             "l2_lookup_timeout_s": self.l2_lookup_timeout_s,
             "l2_load_timeout_s": self.l2_load_timeout_s,
             "l2_load_concurrency": self.l2_load_concurrency,
+            "l2_write_timeout_s": self.l2_write_timeout_s,
+            "l2_max_inflight_writes": self.l2_max_inflight_writes,
         }
         for name, value in positive.items():
             if not value > 0:

@@ -121,6 +121,8 @@ class Server:
                     lookup_timeout_s=config.l2_lookup_timeout_s,
                     load_timeout_s=config.l2_load_timeout_s,
                     load_concurrency=config.l2_load_concurrency,
+                    write_timeout_s=config.l2_write_timeout_s,
+                    max_inflight_writes=config.l2_max_inflight_writes,
                 ),
             )
             if self.adapters
