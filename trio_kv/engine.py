@@ -416,6 +416,8 @@ class CacheEngine:
                     lookup_errors=counters.lookup_errors,
                     evictions=adapter.evictions,
                     quota_skips=counters.quota_skips,
+                    write_timeouts=counters.write_timeouts,
+                    load_timeouts=counters.load_timeouts,
                 )
             )
         return statuses

@@ -228,6 +228,8 @@ class TierStatus(msgspec.Struct, frozen=True):
     lookup_errors: int
     evictions: int
     quota_skips: int = 0
+    write_timeouts: int = 0
+    load_timeouts: int = 0
 
 
 class StatusResult(_Message, tag="status_ok"):
