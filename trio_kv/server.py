@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 # nng drops (rather than answers) a message over recv_max_size; this slack lets
 # moderately oversized messages reach the decoder and get a MESSAGE_TOO_LARGE reply.
 _RECV_SLACK = 2
+_SEND_TIMEOUT_MS = 5000
 
 
 def ipc_path(url: str) -> str | None:
@@ -186,7 +187,11 @@ class Server:
         path = ipc_path(url)
         if path is not None:
             _remove_stale_socket(path)
-        sock = pynng.Rep0(recv_max_size=self.config.max_message_bytes * _RECV_SLACK)
+        # A reply that cannot be handed to its pipe within the send timeout is dropped, so a
+        # peer that never reads cannot hold a worker context.
+        sock = pynng.Rep0(
+            recv_max_size=self.config.max_message_bytes * _RECV_SLACK, send_timeout=_SEND_TIMEOUT_MS
+        )
         self._sockets.append(sock)
         mode = self.config.socket_permissions()
         # The socket file is born with the final mode (umask), so it is never open to others.
