@@ -91,6 +91,9 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     cpu.add_argument("--rounds", type=int, default=3, help="timed rounds; the best is reported (default 3)")
     cpu.add_argument("--layers", type=int, default=32, help="model layers (default 32)")
     cpu.add_argument("--lookups", type=int, default=2000, help="lookups timed (default 2000)")
+    from . import bench_soak
+
+    bench_soak.add_parser(bench_sub)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,6 +178,10 @@ def cmd_ping(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.bench == "soak":
+        from . import bench_soak
+
+        return bench_soak.main(args)
     from . import bench
 
     return bench.main(args)

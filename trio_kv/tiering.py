@@ -1,5 +1,8 @@
 """Tiering: L1 <-> L2. Write-behind of new chunks to every adapter; prefetch on lookup.
 
+Per-call failures are counted (status, metrics) and logged at debug level only: a
+dead endpoint would otherwise log once per chunk.
+
 Write-behind: every chunk that becomes ready in L1 is queued to each adapter
 (one bounded queue per adapter; a full queue drops and counts, it never delays
 a Store reply). Writers pin the L1 entry only while they copy it out, so a
@@ -166,7 +169,7 @@ class Tiering:
             await done.wait()
         if not done.is_set():
             tier.counters.write_timeouts += 1
-            log.warning(
+            log.debug(
                 "%s: a put outlived %.1f s; moving on", tier.adapter.name, self.settings.write_timeout_s
             )
 
@@ -178,7 +181,7 @@ class Tiering:
             tier.counters.quota_skips += 1
         except AdapterError as exc:
             tier.counters.write_failures += 1
-            log.warning("%s: write-behind of a chunk failed: %s", tier.adapter.name, exc)
+            log.debug("%s: write-behind of a chunk failed: %s", tier.adapter.name, exc)
         finally:
             self.l1.unpin_reader(entry)
             tier.inflight_writes.release_on_behalf_of(done)
@@ -340,7 +343,7 @@ class Tiering:
                 tier.counters.load_failures += 1
         except AdapterError as exc:
             tier.counters.load_failures += 1
-            log.warning("%s: load failed: %s", tier.adapter.name, exc)
+            log.debug("%s: load failed: %s", tier.adapter.name, exc)
         finally:
             load.finished = True
             pending[0] -= 1

@@ -1,0 +1,21 @@
+"""The soak's CI form: half a minute of chaos, then nothing may be left over."""
+
+from trio_kv.soak import run_soak
+
+
+async def test_soak_leaks_nothing_and_loses_no_byte():
+    report = await run_soak(25.0, clients=6, seed=7)
+    # The run really exercised the paths it audits.
+    assert report.requests > 1000
+    assert report.faults_injected > 10
+    assert report.clients_killed > 50
+    assert report.chunks_verified > 1000
+    assert report.l2_loads > 0 and report.l1_evictions > 0
+    # And left nothing behind.
+    assert report.leaked_leases == 0
+    assert report.leaked_bytes == 0
+    assert report.ledger_problems == []
+    assert report.l2_ledger_mismatches == 0
+    assert report.leaked_tasks == 0
+    assert report.data_mismatches == 0
+    assert report.rss_growth_after_warmup_mib < 64
