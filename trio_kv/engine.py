@@ -16,6 +16,7 @@ import msgspec
 import trio
 
 from . import __version__
+from .audit import audit_l1
 from .errors import ErrorCode, TrioKVError
 from .gpu import CopyJob, CpuTransfer, MappedKVCache
 from .keys import (
@@ -47,7 +48,6 @@ from .protocol import (
     StatusResult,
     Store,
     StoreResult,
-    TierStatus,
     Unregistered,
     UnregisterKVCache,
 )
@@ -387,40 +387,8 @@ class CacheEngine:
                 for name, c in sorted(self.instances.items())
             ],
             requests_in_flight=self.requests_in_flight,
-            l2=self._tier_status(),
+            l2=[] if self.tiering is None else self.tiering.status(),
         )
-
-    def _tier_status(self) -> list[TierStatus]:
-        if self.tiering is None:
-            return []
-        statuses = []
-        for adapter in self.tiering.adapters:
-            health = adapter.health()
-            counters = self.tiering.counters(adapter)
-            statuses.append(
-                TierStatus(
-                    name=adapter.name,
-                    kind=adapter.kind,
-                    usage=adapter.usage(),
-                    healthy=health.healthy,
-                    state=health.state,
-                    reason=health.reason,
-                    queue_depth=self.tiering.queue_depth(adapter),
-                    queued=counters.queued,
-                    dropped=counters.dropped,
-                    skipped_evicted=counters.skipped_evicted,
-                    written=counters.written,
-                    write_failures=counters.write_failures,
-                    loads=counters.loads,
-                    load_failures=counters.load_failures,
-                    lookup_errors=counters.lookup_errors,
-                    evictions=adapter.evictions,
-                    quota_skips=counters.quota_skips,
-                    write_timeouts=counters.write_timeouts,
-                    load_timeouts=counters.load_timeouts,
-                )
-            )
-        return statuses
 
     # ------------------------------------------------------------ background
 
@@ -438,25 +406,4 @@ class CacheEngine:
 
     def audit(self) -> list[str]:
         """Recount everything from the entries themselves; return each mismatch found."""
-        problems = []
-        entries = self.l1.entries()
-        recount: dict[str, int] = {}
-        for entry in entries:
-            recount[entry.key.cache_salt] = recount.get(entry.key.cache_salt, 0) + entry.size
-        if dict(self.l1.ledger.bytes_by_salt) != recount:
-            problems.append(f"ledger by salt {dict(self.l1.ledger.bytes_by_salt)} != recount {recount}")
-        if self.l1.ledger.total != sum(recount.values()):
-            problems.append(f"ledger total {self.l1.ledger.total} != recount {sum(recount.values())}")
-        if self.l1.allocator.used != sum(recount.values()):
-            problems.append(f"allocator used {self.l1.allocator.used} != recount {sum(recount.values())}")
-        lease_counts = self.leases.count_by_entry()
-        for entry in entries:
-            if entry.state.value != "ready":
-                problems.append(f"entry left half-written: {entry}")
-            if entry.readers:
-                problems.append(f"entry left with readers: {entry}")
-            if entry.leases != lease_counts.get(id(entry), 0):
-                problems.append(
-                    f"entry lease count {entry.leases} != lease table {lease_counts.get(id(entry), 0)}"
-                )
-        return problems
+        return audit_l1(self.l1, self.leases)

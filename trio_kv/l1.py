@@ -75,7 +75,9 @@ class L1Store:
         alignment: int = 4096,
         policy: str = "lru",
         quota: Callable[[str], int | None] | None = None,
+        pin: Callable[[torch.Tensor], None] | None = None,
     ) -> None:
+        """``pin``, when given, page-locks the arena once it exists (the CUDA path copies into it)."""
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         if not 0.0 < low_watermark <= high_watermark <= 1.0:
@@ -85,6 +87,8 @@ class L1Store:
         self.arena = arena if arena is not None else torch.empty(self.capacity, dtype=torch.uint8)
         if self.arena.numel() < self.capacity:
             raise ValueError("arena is smaller than the capacity")
+        if pin is not None:
+            pin(self.arena)
         self._arena_bytes = memoryview(self.arena.numpy())  # type: ignore[arg-type]
         self.ledger = ByteLedger(self.capacity)
         self.high_watermark = high_watermark
@@ -123,6 +127,16 @@ class L1Store:
     def buffer(self, entry: Entry) -> memoryview:
         """The entry's payload as a writable memoryview (for L2 I/O; no copy)."""
         return self._arena_bytes[entry.offset : entry.offset + entry.nbytes]
+
+    def order_problems(self) -> list[str]:
+        """Inconsistencies between the global and per-salt eviction orders (for audits)."""
+        per_salt = {key for bucket in self._evictable_by_salt.values() for key in bucket}
+        problems = []
+        if per_salt != set(self._evictable):
+            problems.append("the global and per-salt eviction orders disagree")
+        if any(e.pinned or e.state is not EntryState.READY for e in self._evictable.values()):
+            problems.append("a pinned or half-written entry is evictable")
+        return problems
 
     def entries(self) -> list[Entry]:
         """Every live entry plus doomed ones still holding bytes (for audits)."""

@@ -34,6 +34,7 @@ import trio
 from .adapters.base import AdapterError, L2Adapter, QuotaExceeded
 from .keys import ObjectKey
 from .l1 import Entry, L1Store, Refusal
+from .protocol import TierStatus
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,37 @@ class Tiering:
     def queue_depth(self, adapter: L2Adapter) -> int:
         tier = next(t for t in self.tiers if t.adapter is adapter)
         return tier.send.statistics().current_buffer_used
+
+    def status(self) -> list[TierStatus]:
+        """Each adapter's usage, health and traffic counters, in lookup order."""
+        statuses = []
+        for tier in self.tiers:
+            adapter, counters = tier.adapter, tier.counters
+            health = adapter.health()
+            statuses.append(
+                TierStatus(
+                    name=adapter.name,
+                    kind=adapter.kind,
+                    usage=adapter.usage(),
+                    healthy=health.healthy,
+                    state=health.state,
+                    reason=health.reason,
+                    queue_depth=tier.send.statistics().current_buffer_used,
+                    queued=counters.queued,
+                    dropped=counters.dropped,
+                    skipped_evicted=counters.skipped_evicted,
+                    written=counters.written,
+                    write_failures=counters.write_failures,
+                    loads=counters.loads,
+                    load_failures=counters.load_failures,
+                    lookup_errors=counters.lookup_errors,
+                    evictions=adapter.evictions,
+                    quota_skips=counters.quota_skips,
+                    write_timeouts=counters.write_timeouts,
+                    load_timeouts=counters.load_timeouts,
+                )
+            )
+        return statuses
 
     # ------------------------------------------------------------ write-behind
 
