@@ -38,7 +38,8 @@ def socket_url(tmp_path):
 
 def start_server(url: str, *flags: str, **env: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [*TRIO_KV, "serve", "--listen", url, "--l1-size", "64MiB", *flags],
+        # A free admin port: the default 8470 may be held by another server on this machine.
+        [*TRIO_KV, "serve", "--listen", url, "--l1-size", "64MiB", "--admin", "127.0.0.1:0", *flags],
         env=clean_env(**env),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -299,3 +299,102 @@ def test_message_at_the_limit_is_accepted():
 def test_size_is_checked_before_decoding():
     # Garbage would be BAD_REQUEST if it were decoded; too large must win.
     assert decode_error(b"\xc1" * 65, max_message_bytes=64).code is ErrorCode.MESSAGE_TOO_LARGE
+
+
+# ---------------------------------------------------------------- CUDA fields (appended with defaults)
+
+from trio_kv.protocol import CudaAllocation, CudaRegistration  # noqa: E402
+
+CUDA_REGISTRATION = CudaRegistration(
+    device_uuid=bytes(range(16)),
+    allocations=[CudaAllocation(handle=b"\x00\x01" * 32, size=1 << 30)],
+    tensor_allocations=[0, 0],
+    event_handle=b"\xff" * 64,
+)
+
+
+class OldRegisterKVCache(msgspec.Struct, array_like=True, tag_field="kind", tag="register"):
+    """RegisterKVCache as a client that predates ``cuda`` sends it."""
+
+    instance_id: str
+    block_size: int
+    tensors: list[TensorSpec]
+    shm_path: str
+    shm_bytes: int
+
+
+class OldStore(msgspec.Struct, array_like=True, tag_field="kind", tag="store"):
+    """Store as a client that predates ``ipc_event`` sends it."""
+
+    instance_id: str
+    key: RequestKey
+    block_ids: list[int]
+
+
+class OldRetrieveWithSkip(msgspec.Struct, array_like=True, tag_field="kind", tag="retrieve"):
+    """Retrieve as a client that has ``skip_first_n_tokens`` but predates ``ipc_event`` sends it."""
+
+    instance_id: str
+    key: RequestKey
+    block_ids: list[int]
+    skip_first_n_tokens: int
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        RegisterKVCache(
+            instance_id="gpu-0",
+            block_size=16,
+            tensors=REQUESTS[2].tensors,
+            shm_path="",
+            shm_bytes=0,
+            cuda=CUDA_REGISTRATION,
+        ),
+        Store(instance_id="gpu-0", key=KEY, block_ids=[1, 2], ipc_event=b"\x07" * 64),
+        Retrieve(
+            instance_id="gpu-0", key=KEY, block_ids=[1, 2], skip_first_n_tokens=16, ipc_event=b"\x08" * 64
+        ),
+    ],
+    ids=["register", "store", "retrieve"],
+)
+def test_cuda_fields_round_trip(request_):
+    assert decode_request(encode(request_), LIMIT) == request_
+
+
+def test_old_register_without_cuda_decodes_as_a_shared_memory_registration():
+    old = OldRegisterKVCache("worker-0", 16, REQUESTS[2].tensors, "/dev/shm/kv", 65536)
+    decoded = decode_request(msgspec.msgpack.encode(old), LIMIT)
+    assert decoded == RegisterKVCache("worker-0", 16, REQUESTS[2].tensors, "/dev/shm/kv", 65536)
+    assert decoded.cuda is None
+
+
+def test_old_store_without_ipc_event_decodes_with_an_empty_one():
+    decoded = decode_request(msgspec.msgpack.encode(OldStore("worker-0", KEY, [1, 2])), LIMIT)
+    assert decoded == Store(instance_id="worker-0", key=KEY, block_ids=[1, 2])
+    assert decoded.ipc_event == b""
+
+
+def test_old_retrieve_without_ipc_event_decodes_with_an_empty_one():
+    old = OldRetrieveWithSkip("worker-0", KEY, [1, 2], 16)
+    decoded = decode_request(msgspec.msgpack.encode(old), LIMIT)
+    assert decoded == Retrieve(instance_id="worker-0", key=KEY, block_ids=[1, 2], skip_first_n_tokens=16)
+    assert decoded.ipc_event == b""
+
+
+def test_cuda_fields_are_appended_after_every_existing_field():
+    register = msgspec.msgpack.decode(encode(REQUESTS[2]))
+    assert register[:6] == ["register", "worker-0", 16, register[3], "/dev/shm/kv", 65536]
+    assert register[6] is None
+    store = msgspec.msgpack.decode(encode(Store(instance_id="w", key=KEY, block_ids=[1])))
+    assert store[0:2] == ["store", "w"] and store[3] == [1] and store[4] == b""
+
+
+def test_cuda_registration_without_event_handle_decodes_with_an_empty_one():
+    raw_registration = [bytes(16), [[b"\x00" * 64, 4096]], [0]]
+    buf = msgspec.msgpack.encode(
+        ["register", "gpu-0", 16, [[0, "uint8", [4, 1024], [1024, 1], 0]], "", 0, raw_registration]
+    )
+    decoded = decode_request(buf, LIMIT)
+    assert decoded.cuda == CudaRegistration(bytes(16), [CudaAllocation(b"\x00" * 64, 4096)], [0])
+    assert decoded.cuda.event_handle == b""

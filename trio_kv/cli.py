@@ -11,8 +11,11 @@ from collections.abc import Sequence
 
 import trio
 
-from . import __version__
+from . import __version__, cli_admin
 from .config import DEFAULT_LISTEN, ConfigError, ServerConfig, config_json, load_config
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
 
 log = logging.getLogger("trio_kv")
 
@@ -62,6 +65,18 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         "s3://BUCKET[/PREFIX][?endpoint=URL&region=R&capacity=SIZE] (see README)",
     )
     p.add_argument(
+        "--admin",
+        metavar="HOST:PORT",
+        help="admin HTTP address (default 127.0.0.1:8470; port 0: any free port)",
+    )
+    p.add_argument("--no-admin", action="store_const", const=True, help="do not serve the admin HTTP API")
+    p.add_argument(
+        "--admin-token",
+        metavar="TOKEN",
+        help="bearer token required by mutating admin endpoints (prefer $TRIO_KV_ADMIN_TOKEN: "
+        "flags are visible to other local users)",
+    )
+    p.add_argument(
         "--print-config", action="store_true", help="print the merged configuration as JSON and exit"
     )
 
@@ -105,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     _serve_parser(sub)
     _ping_parser(sub)
     _bench_parser(sub)
+    cli_admin.add_parsers(sub)
     return parser
 
 
@@ -137,6 +153,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "lease_ttl_s": args.lease_ttl_s,
         "shm_dir": args.shm_dir,
         "l2": args.l2,
+        "admin": args.admin,
+        "no_admin": args.no_admin,
+        "admin_token": args.admin_token,
     }
     try:
         config = load_config(path=args.config, overrides=overrides)
@@ -149,11 +168,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _configure_logging(config.log_level)
     try:
         trio.run(_serve_until_signal, config, args.config or os.environ.get("TRIO_KV_CONFIG"))
-    except (RuntimeError, OSError) as exc:
-        print(f"trio-kv serve: {exc}", file=sys.stderr)
+    except BaseException as exc:
+        failure = _startup_failure(exc)
+        if failure is None:
+            raise
+        print(f"trio-kv serve: {failure}", file=sys.stderr)
         return 1
     log.info("stopped")
     return 0
+
+
+def _startup_failure(exc: BaseException) -> BaseException | None:
+    """The RuntimeError/OSError a failed start raised (a socket in use, an admin port taken),
+    unwrapped from the Trio exception groups it travelled in; None for anything else."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc if isinstance(exc, (RuntimeError, OSError)) else None
 
 
 def cmd_ping(args: argparse.Namespace) -> int:
@@ -189,7 +219,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"serve": cmd_serve, "ping": cmd_ping, "bench": cmd_bench}
+    commands = {"serve": cmd_serve, "ping": cmd_ping, "bench": cmd_bench, **cli_admin.COMMANDS}
     return commands[args.command](args)
 
 

@@ -99,8 +99,8 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ConfigError("evict_low_watermark <= evict_high_watermark must both be in (0, 1]")
         if self.log_level.lower() not in LOG_LEVELS:
             raise ConfigError(f"log_level: {self.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
-        if self.transfer not in ("auto", "cpu"):
-            raise ConfigError(f"transfer: {self.transfer!r} is not one of auto, cpu")
+        if self.transfer not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"transfer: {self.transfer!r} is not one of auto, cpu, cuda")
         self.l2_specs()
         self.socket_permissions()
         if self.eviction_policy not in ("lru", "isolated"):

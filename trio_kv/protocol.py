@@ -47,14 +47,34 @@ class TensorSpec(msgspec.Struct, array_like=True, frozen=True):
     block_dim: int
 
 
+class CudaAllocation(msgspec.Struct, array_like=True, frozen=True):
+    """One device allocation the engine exports: ``cuIpcGetMemHandle`` bytes of its base."""
+
+    handle: bytes  # CU_IPC_HANDLE_SIZE (64) bytes
+    size: int  # bytes from the allocation base that the tensors may reach
+
+
+class CudaRegistration(msgspec.Struct, array_like=True, frozen=True):
+    """Where a CUDA KV cache lives: ``tensors[i]`` is in ``allocations[tensor_allocations[i]]``,
+    at ``TensorSpec.offset`` bytes from its base. ``event_handle`` is an interprocess event the
+    engine records before each store or retrieve (used when a request carries none)."""
+
+    device_uuid: bytes  # 16 bytes, as cuDeviceGetUuid reports
+    allocations: list[CudaAllocation]
+    tensor_allocations: list[int]
+    event_handle: bytes = b""
+
+
 class RegisterKVCache(_Message, tag="register"):
-    """Register an engine's KV cache. On the CPU path the tensors live in one shared-memory file."""
+    """Register an engine's KV cache. On the CPU path the tensors live in one shared-memory file;
+    on the CUDA path (``cuda`` set, ``shm_path`` empty) in device allocations shared by IPC handles."""
 
     instance_id: str
     block_size: int  # tokens per block
     tensors: list[TensorSpec]
     shm_path: str
     shm_bytes: int
+    cuda: CudaRegistration | None = None
 
 
 class UnregisterKVCache(_Message, tag="unregister"):
@@ -71,6 +91,7 @@ class Store(_Message, tag="store"):
     instance_id: str
     key: RequestKey
     block_ids: list[int]
+    ipc_event: bytes = b""  # CUDA path: interprocess event handle to wait on before reading the blocks
 
 
 class Lookup(_Message, tag="lookup"):
@@ -87,6 +108,7 @@ class Retrieve(_Message, tag="retrieve"):
     key: RequestKey
     block_ids: list[int]
     skip_first_n_tokens: int = 0
+    ipc_event: bytes = b""  # CUDA path: interprocess event handle to wait on before writing the blocks
 
 
 class ReleaseLookup(_Message, tag="release"):

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -20,11 +21,13 @@ import trio
 
 from . import __version__
 from .adapters.spec import build_adapter
+from .admin import AdminApp, start_admin
 from .config import ServerConfig
 from .engine import CacheEngine, EngineSettings, FaultHook
 from .errors import ErrorCode, TrioKVError
-from .gpu import select_backend
+from .gpu import arena_pinner, select_backend
 from .l1 import L1Store
+from .metrics import ServerMetrics
 from .protocol import (
     PROTOCOL_VERSION,
     Clear,
@@ -101,17 +104,18 @@ class Server:
         )
         self.adapters = [build_adapter(spec) for spec in config.l2_specs()]
         self.quotas = QuotaBook([L1_TIER, *(a.name for a in self.adapters)], config.quota_path(config_path))
+        transfer = select_backend(config.transfer, threads=config.copy_threads, shm_dir=config.shm_dir)
         self.l1 = L1Store(
             config.l1_size,
             high_watermark=config.evict_high_watermark,
             low_watermark=config.evict_low_watermark,
             policy=config.eviction_policy,
             quota=self.quotas.limiter(L1_TIER),
+            pin=arena_pinner(transfer),
         )
         for adapter in self.adapters:
             adapter.policy = config.eviction_policy
             adapter.quota = self.quotas.limiter(adapter.name)
-        transfer = select_backend(config.transfer, threads=config.copy_threads, shm_dir=config.shm_dir)
         self.tiering = (
             Tiering(
                 self.l1,
@@ -130,6 +134,9 @@ class Server:
             else None
         )
         self.engine = CacheEngine(settings, self.l1, transfer, tiering=self.tiering, faults=faults)
+        self.metrics = ServerMetrics(self.engine, self.quotas)
+        self.admin_url: str | None = None  # the admin HTTP URL actually bound, once serving
+        self._admin_stop = trio.Event()
         self.draining = False
         self._idle = trio.Event()
         self._idle.set()
@@ -171,13 +178,28 @@ class Server:
                     sock = self._listen(url)
                     for _ in range(self.config.workers):
                         nursery.start_soon(self._serve_context, sock.new_context())
+                nursery.start_soon(self.metrics.run_loop_lag_probe)
+                if not self.config.no_admin:
+                    self.admin_url = await start_admin(
+                        nursery,
+                        AdminApp(
+                            config=self.config,
+                            engine=self.engine,
+                            quotas=self.quotas,
+                            metrics=self.metrics,
+                            is_draining=lambda: self.draining,
+                        ),
+                        self.config.admin_address(),
+                        shutdown_trigger=self._admin_stop.wait,
+                    )
                 log.info(
-                    "trio-kv %s serving on %s (L1 %d bytes, chunk %d tokens, L2: %s)",
+                    "trio-kv %s serving on %s (L1 %d bytes, chunk %d tokens, L2: %s, admin: %s)",
                     __version__,
                     ", ".join(self.config.listen),
                     self.l1.capacity,
                     self.config.chunk_size,
                     ", ".join(a.name for a in self.adapters) or "none",
+                    self.admin_url or "off",
                 )
                 task_status.started(self)
         finally:
@@ -226,6 +248,7 @@ class Server:
             await self._idle.wait()
         if self.engine.requests_in_flight:
             log.warning("shutting down with %d requests still in flight", self.engine.requests_in_flight)
+        self._admin_stop.set()
         if self._cancel_scope is not None:
             self._cancel_scope.cancel()
 
@@ -246,38 +269,46 @@ class Server:
                     log.debug("reply not delivered: %s", exc)
 
     async def handle(self, buf: bytes) -> bytes:
-        """Answer one encoded request with one encoded reply. Never raises (but Cancelled)."""
+        """Answer one encoded request with one encoded reply, and count it in the metrics.
+        Never raises (but Cancelled; a cancelled request is not counted)."""
         engine = self.engine
         engine.requests_in_flight += 1
         self._idle = trio.Event() if self._idle.is_set() else self._idle
+        started = time.perf_counter()
+        request = None
         try:
             if self.draining:
                 raise TrioKVError(ErrorCode.SHUTTING_DOWN, "the server is shutting down")
             request = decode_request(buf, self.config.max_message_bytes)
             handler = self._handlers[type(request)]
             with trio.fail_after(self.config.request_timeout_s):
-                result = handler(request)
-                if isinstance(result, Awaitable):
-                    result = await result
-            return encode(result)
+                reply = handler(request)
+                if isinstance(reply, Awaitable):
+                    reply = await reply
         except TrioKVError as exc:
-            return encode(error_reply(exc))
+            reply = error_reply(exc)
         except trio.TooSlowError:
-            return encode(
-                error_reply(
-                    TrioKVError(
-                        ErrorCode.TIMEOUT,
-                        f"request did not finish within {self.config.request_timeout_s} s",
-                    )
+            reply = error_reply(
+                TrioKVError(
+                    ErrorCode.TIMEOUT, f"request did not finish within {self.config.request_timeout_s} s"
                 )
             )
         except Exception as exc:
             log.exception("internal error while handling a request")
-            return encode(error_reply(TrioKVError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")))
+            reply = error_reply(TrioKVError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"))
         finally:
             engine.requests_in_flight -= 1
             if engine.requests_in_flight == 0:
                 self._idle.set()
+        try:
+            self.metrics.record_request(request, reply, time.perf_counter() - started)
+        except Exception:  # a metrics bug must not cost the client its reply
+            log.exception("recording request metrics failed")
+        try:
+            return encode(reply)
+        except Exception as exc:
+            log.exception("a reply could not be encoded")
+            return encode(error_reply(TrioKVError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")))
 
     def _hello(self, request: Hello) -> HelloOk:
         if request.protocol_version != PROTOCOL_VERSION:

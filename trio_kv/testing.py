@@ -8,9 +8,12 @@ async with running_server(l1_size="64MiB") as server:
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -23,9 +26,11 @@ from .gpu.shm import SharedKVCache, create_shared_kv_cache
 from .server import Server
 
 __all__ = [
+    "AdminResponse",
     "FaultInjector",
     "InjectedFault",
     "RunningServer",
+    "admin_request",
     "assert_no_leaks",
     "make_kv_cache",
     "running_server",
@@ -38,6 +43,7 @@ class RunningServer:
         self.engine = server.engine
         self.url = server.urls[0]
         self.urls = server.urls
+        self.admin_url = server.admin_url  # None with no_admin=True
 
 
 @asynccontextmanager
@@ -45,11 +51,13 @@ async def running_server(*, faults: FaultHook | None = None, **settings: Any) ->
     """Start a server on ``ipc://<tempdir>/trio-kv.sock`` and stop it on exit.
 
     ``settings`` are ServerConfig fields (sizes may be strings like "64MiB");
-    the environment is ignored so tests are hermetic. L1 defaults to 64 MiB.
+    the environment is ignored so tests are hermetic. L1 defaults to 64 MiB; the admin HTTP
+    server listens on a free loopback port (``server.admin_url``).
     """
     socket_dir = tempfile.mkdtemp(prefix="trio-kv-test-")
     settings.setdefault("listen", [f"ipc://{socket_dir}/trio-kv.sock"])
     settings.setdefault("l1_size", "64MiB")
+    settings.setdefault("admin", "127.0.0.1:0")
     config = load_config(environ={}, overrides=settings)
     try:
         async with trio.open_nursery() as nursery:
@@ -60,6 +68,55 @@ async def running_server(*, faults: FaultHook | None = None, **settings: Any) ->
                 nursery.cancel_scope.cancel()
     finally:
         shutil.rmtree(socket_dir, ignore_errors=True)
+
+
+class AdminResponse:
+    """One admin HTTP answer: status, headers (lower-case names) and body."""
+
+    def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    def __repr__(self) -> str:
+        return f"AdminResponse({self.status}, {self.body[:200]!r})"
+
+
+async def admin_request(
+    server: RunningServer,
+    method: str,
+    path: str,
+    body: Any = None,
+    *,
+    token: str | None = None,
+    raw_body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> AdminResponse:
+    """One real HTTP request to the server's admin API. urllib runs in a worker thread, so the
+    server keeps serving on this Trio loop; error statuses are returned, not raised. ``body``
+    is sent as JSON, ``raw_body`` as is."""
+    if server.admin_url is None:
+        raise RuntimeError("this server runs without the admin API (no_admin)")
+    data = raw_body if raw_body is not None else None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(server.admin_url + path, data=data, method=method)
+    for name, value in (headers or {}).items():
+        request.add_header(name, value)
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+
+    def send() -> AdminResponse:
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return AdminResponse(
+                    response.status, {k.lower(): v for k, v in response.headers.items()}, response.read()
+                )
+        except urllib.error.HTTPError as exc:
+            return AdminResponse(exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read())
+
+    return await trio.to_thread.run_sync(send)
 
 
 def make_kv_cache(**kwargs: Any) -> SharedKVCache:

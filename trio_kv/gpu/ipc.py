@@ -1,0 +1,148 @@
+"""Engine side of the CUDA path: export KV tensors and an interprocess event to a trio-kv server.
+
+    export = CudaKVCacheExport.from_tensors(kv_caches, block_dim=1, block_size=16)
+    client.register(export.register_request("worker-0"))
+    ...  # after the forward pass that wrote the blocks, on the stream that wrote them:
+    client.call(Store(..., ipc_event=export.record_event()), StoreResult)
+
+Each tensor's allocation is found with ``cuMemGetAddressRange`` (for PyTorch's
+caching allocator, the ``cudaMalloc`` segment holding it) and exported with
+``cuIpcGetMemHandle``; one allocation holding several tensors is exported once.
+The event is created with ``CU_EVENT_INTERPROCESS | CU_EVENT_DISABLE_TIMING``;
+``record_event`` records it on a stream and returns its handle: the server
+waits for that record before touching the blocks, and replies only once its
+copy is complete, so the engine may reuse the blocks after the reply.
+
+Not supported: memory from the virtual-memory APIs (``cuMemCreate``, e.g.
+PyTorch's ``expandable_segments:True``), which ``cuIpcGetMemHandle`` rejects.
+
+Verified without a GPU: the driver calls against cuda-bindings 13.4.4 and a stub
+driver (tests/test_gpu_stub.py, with stand-ins for CUDA tensors). Not verified:
+PyTorch CUDA tensors and a real driver (tests/test_gpu_cuda.py runs it in an
+engine subprocess where a GPU is present).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from cuda.bindings import driver
+
+from ..protocol import CudaAllocation, CudaRegistration, RegisterKVCache, TensorSpec
+from .events import call, handle_bytes
+from .shm import dtype_name
+
+
+@contextlib.contextmanager
+def _current_context(ordinal: int) -> Iterator[Any]:
+    """The device's primary context (the one PyTorch uses), current for the block."""
+    call(driver.cuInit, 0)
+    device = call(driver.cuDeviceGet, ordinal)
+    context = call(driver.cuDevicePrimaryCtxRetain, device)
+    call(driver.cuCtxPushCurrent, context)
+    try:
+        yield device
+    finally:
+        call(driver.cuCtxPopCurrent)
+
+
+class CudaKVCacheExport:
+    """KV tensors on one CUDA device, described for ``RegisterKVCache``, plus the engine's event.
+
+    Keeps the tensors referenced: their memory must outlive the registration.
+    """
+
+    def __init__(
+        self,
+        tensors: Sequence[torch.Tensor],
+        specs: list[TensorSpec],
+        registration: CudaRegistration,
+        block_size: int,
+        ordinal: int,
+        event: Any,
+    ) -> None:
+        self.tensors = list(tensors)
+        self.specs = specs
+        self.registration = registration
+        self.block_size = block_size
+        self.ordinal = ordinal
+        self._event = event
+
+    @classmethod
+    def from_tensors(
+        cls, tensors: Sequence[torch.Tensor], block_dim: int, block_size: int
+    ) -> CudaKVCacheExport:
+        """Export ``tensors`` (all on one CUDA device, ``block_dim`` indexing blocks)."""
+        if not tensors:
+            raise ValueError("at least one tensor is needed")
+        devices = {t.device for t in tensors}
+        if len(devices) != 1 or next(iter(devices)).type != "cuda":
+            raise ValueError(f"tensors must all be on one CUDA device, got {sorted(map(str, devices))}")
+        ordinal = next(iter(devices)).index or 0
+        with _current_context(ordinal) as device:
+            uuid = call(driver.cuDeviceGetUuid, device).bytes
+            allocation_index: dict[int, int] = {}
+            allocations: list[CudaAllocation] = []
+            specs, tensor_allocations = [], []
+            for tensor in tensors:
+                pointer = tensor.data_ptr()
+                base, size = call(driver.cuMemGetAddressRange, driver.CUdeviceptr(pointer))
+                base = int(base)
+                if base not in allocation_index:
+                    handle = call(driver.cuIpcGetMemHandle, driver.CUdeviceptr(base))
+                    allocation_index[base] = len(allocations)
+                    allocations.append(CudaAllocation(handle=handle_bytes(handle), size=int(size)))
+                tensor_allocations.append(allocation_index[base])
+                specs.append(
+                    TensorSpec(
+                        offset=pointer - base,
+                        dtype=dtype_name(tensor.dtype),
+                        shape=list(tensor.shape),
+                        strides=list(tensor.stride()),
+                        block_dim=block_dim,
+                    )
+                )
+            flags = driver.CUevent_flags.CU_EVENT_INTERPROCESS | driver.CUevent_flags.CU_EVENT_DISABLE_TIMING
+            event = call(driver.cuEventCreate, flags)
+            event_handle = handle_bytes(call(driver.cuIpcGetEventHandle, event))
+        registration = CudaRegistration(
+            device_uuid=uuid,
+            allocations=allocations,
+            tensor_allocations=tensor_allocations,
+            event_handle=event_handle,
+        )
+        return cls(tensors, specs, registration, block_size, ordinal, event)
+
+    @property
+    def event_handle(self) -> bytes:
+        return self.registration.event_handle
+
+    def register_request(self, instance_id: str) -> RegisterKVCache:
+        return RegisterKVCache(
+            instance_id=instance_id,
+            block_size=self.block_size,
+            tensors=list(self.specs),
+            shm_path="",
+            shm_bytes=0,
+            cuda=self.registration,
+        )
+
+    def record_event(self, stream: torch.cuda.Stream | int | None = None) -> bytes:
+        """Record the interprocess event on ``stream`` (default: PyTorch's current stream on the
+        device) and return its handle, for ``Store.ipc_event`` / ``Retrieve.ipc_event``."""
+        if stream is None:
+            stream = torch.cuda.current_stream(self.ordinal)
+        raw_stream = stream if isinstance(stream, int) else stream.cuda_stream
+        with _current_context(self.ordinal):
+            call(driver.cuEventRecord, self._event, driver.CUstream(raw_stream))
+        return self.event_handle
+
+    def close(self) -> None:
+        """Destroy the event (the server's opened copy stays valid until it lets go)."""
+        if self._event is not None:
+            with _current_context(self.ordinal):
+                call(driver.cuEventDestroy, self._event)
+            self._event = None
