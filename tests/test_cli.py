@@ -174,3 +174,27 @@ def test_socket_mode_never_opens_the_socket_to_others():
     )
     assert out.returncode == 2
     assert "nothing to others" in out.stderr
+
+
+def test_transfer_flag_reaches_the_config():
+    assert print_config("--transfer", "cpu")["transfer"] == "cpu"
+    assert print_config()["transfer"] == "auto"
+
+
+def test_bench_lists_every_benchmark():
+    out = subprocess.run([*TRIO_KV, "bench", "--help"], capture_output=True, text=True, check=True)
+    for name in ("cpu", "fs", "s3", "gpu", "soak"):
+        assert f"    {name} " in out.stdout, name
+
+
+def test_bench_fs_runs_through_the_command_line(tmp_path):
+    out = subprocess.run(
+        [*TRIO_KV, "bench", "fs", "--chunks", "2", "--chunk-mib", "1", "--rounds", "1", "--json", "--dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    result = json.loads(out.stdout)
+    assert result["verified"] is True
+    assert result["write_gbps"] > 0 and result["raw_write_gbps"] > 0

@@ -136,3 +136,38 @@ def test_memcpy_attributes_are_laid_out_as_the_driver_reads_them():
     attributes.flags = 6
     fields = struct.unpack("<6i", ctypes.string_at(attributes.getPtr(), 24))
     assert fields == (int(driver.CUmemcpySrcAccessOrder.CU_MEMCPY_SRC_ACCESS_ORDER_STREAM), 0, 3, 0, 5, 6)
+
+
+class RecordingTransfer(CpuTransfer):
+    """The CPU path, remembering the interprocess event each copy was asked to wait on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[tuple[str, bytes]] = []
+
+    async def store(self, cache, jobs, *, ipc_event=b""):
+        self.events.append(("store", ipc_event))
+        await super().store(cache, jobs)
+
+    async def retrieve(self, cache, jobs, *, ipc_event=b""):
+        self.events.append(("retrieve", ipc_event))
+        await super().retrieve(cache, jobs)
+
+
+async def test_the_engine_hands_each_request_s_ipc_event_to_the_backend():
+    from trio_kv.engine import CacheEngine, EngineSettings
+    from trio_kv.keys import RequestKey
+    from trio_kv.protocol import Lookup, Retrieve, Store
+    from trio_kv.testing import make_kv_cache
+
+    transfer = RecordingTransfer()
+    engine = CacheEngine(EngineSettings(chunk_size=32), L1Store(1 << 22), transfer)
+    tokens = list(range(64))
+    with make_kv_cache(num_blocks=16, block_size=16, num_layers=2) as kv:
+        engine.register(kv.register_request("w"))
+        await engine.store(Store("w", RequestKey("m", 1, 0, tokens), [0, 1, 2, 3], ipc_event=b"E1" * 32))
+        await engine.lookup(Lookup(RequestKey("m", 1, None, tokens, request_id="r")))
+        key = RequestKey("m", 1, 0, tokens, request_id="r")
+        await engine.retrieve(Retrieve("w", key, [4, 5, 6, 7], ipc_event=b"E2" * 32))
+        await engine.store(Store("w", RequestKey("m", 1, 0, list(range(100, 132))), [8, 9]))
+    assert transfer.events == [("store", b"E1" * 32), ("retrieve", b"E2" * 32), ("store", b"")]

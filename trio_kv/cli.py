@@ -1,4 +1,4 @@
-"""The ``trio-kv`` command: serve, ping, bench."""
+"""The ``trio-kv`` command: serve, ping, bench, status, quota."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import trio
 
@@ -31,7 +32,10 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
         help="run the server",
-        description="Run a trio-kv server (L1 CPU memory, CPU transfer path).",
+        description=(
+            "Run a trio-kv server: L1 in CPU memory, optional L2 tiers (fs, s3), the CUDA transfer "
+            "path when a GPU is present (else shared memory), and an admin HTTP API."
+        ),
         epilog=SERVE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -53,6 +57,12 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         metavar="SECONDS",
         dest="lease_ttl_s",
         help="how long a lookup's pins last without a retrieve (default 60)",
+    )
+    p.add_argument(
+        "--transfer",
+        choices=["auto", "cpu", "cuda"],
+        help="transfer backend: cuda (CUDA IPC KV caches, pinned L1), cpu (shared memory only), "
+        "or auto: cuda when a device and driver are present (default auto)",
     )
     p.add_argument(
         "--shm-dir", metavar="DIR", help="where clients' shared-memory files must live (default /dev/shm)"
@@ -106,9 +116,15 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     cpu.add_argument("--rounds", type=int, default=3, help="timed rounds; the best is reported (default 3)")
     cpu.add_argument("--layers", type=int, default=32, help="model layers (default 32)")
     cpu.add_argument("--lookups", type=int, default=2000, help="lookups timed (default 2000)")
-    from . import bench_soak
+    for module in _bench_modules().values():
+        module.add_parser(bench_sub)
 
-    bench_soak.add_parser(bench_sub)
+
+def _bench_modules() -> dict[str, Any]:
+    """``trio-kv bench`` subcommands beyond cpu, each a module with add_parser() and main()."""
+    from . import bench_fs, bench_gpu, bench_s3, bench_soak
+
+    return {"fs": bench_fs, "s3": bench_s3, "gpu": bench_gpu, "soak": bench_soak}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,6 +168,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "request_timeout_s": args.request_timeout_s,
         "lease_ttl_s": args.lease_ttl_s,
         "shm_dir": args.shm_dir,
+        "transfer": args.transfer,
         "l2": args.l2,
         "admin": args.admin,
         "no_admin": args.no_admin,
@@ -208,10 +225,9 @@ def cmd_ping(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    if args.bench == "soak":
-        from . import bench_soak
-
-        return bench_soak.main(args)
+    module = _bench_modules().get(args.bench)
+    if module is not None:
+        return int(module.main(args))
     from . import bench
 
     return bench.main(args)

@@ -160,12 +160,13 @@ class CacheEngine:
 
     async def _copy(
         self,
-        copy: Callable[[MappedKVCache, Sequence[CopyJob]], Awaitable[None]],
+        copy: Callable[..., Awaitable[None]],
         cache: MappedKVCache,
         jobs: Sequence[CopyJob],
+        ipc_event: bytes,
     ) -> None:
         try:
-            await copy(cache, jobs)
+            await copy(cache, jobs, ipc_event=ipc_event)
         except TrioKVError:
             raise
         except Exception as exc:
@@ -219,7 +220,7 @@ class CacheEngine:
                     )
                     for i, entry in reserved
                 ]
-                await self._copy(self.transfer.store, cache, jobs)
+                await self._copy(self.transfer.store, cache, jobs, request.ipc_event)
             await self._fault_point("store.after_copy")
             for _, entry in reserved:
                 self.l1.commit(entry)
@@ -334,7 +335,7 @@ class CacheEngine:
                 hit_chunks += 1
             await self._fault_point("retrieve.before_copy")
             if jobs:
-                await self._copy(self.transfer.retrieve, cache, jobs)
+                await self._copy(self.transfer.retrieve, cache, jobs, request.ipc_event)
             await self._fault_point("retrieve.after_copy")
         finally:
             for entry in readers:

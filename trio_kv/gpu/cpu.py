@@ -154,11 +154,12 @@ class CpuTransfer:
         if errors:
             raise errors[0]
 
-    async def store(self, cache: MappedKVCache, jobs: Sequence[CopyJob]) -> None:
+    async def store(self, cache: MappedKVCache, jobs: Sequence[CopyJob], *, ipc_event: bytes = b"") -> None:
         """Copy blocks into L1. Not abandoned on cancellation: the copy finishes first,
-        so the caller may free the buffers as soon as this returns or raises."""
+        so the caller may free the buffers as soon as this returns or raises.
+        ``ipc_event`` is for CUDA registrations; shared memory has nothing to wait on."""
         await self._run(cache.gather, cache, jobs)
 
-    async def retrieve(self, cache: MappedKVCache, jobs: Sequence[CopyJob]) -> None:
+    async def retrieve(self, cache: MappedKVCache, jobs: Sequence[CopyJob], *, ipc_event: bytes = b"") -> None:
         """Copy L1 chunks into blocks; as ``store`` on cancellation."""
         await self._run(cache.scatter, cache, jobs)
