@@ -189,7 +189,20 @@ def test_bench_lists_every_benchmark():
 
 def test_bench_fs_runs_through_the_command_line(tmp_path):
     out = subprocess.run(
-        [*TRIO_KV, "bench", "fs", "--chunks", "2", "--chunk-mib", "1", "--rounds", "1", "--json", "--dir", str(tmp_path)],
+        [
+            *TRIO_KV,
+            "bench",
+            "fs",
+            "--chunks",
+            "2",
+            "--chunk-mib",
+            "1",
+            "--rounds",
+            "1",
+            "--json",
+            "--dir",
+            str(tmp_path),
+        ],
         capture_output=True,
         text=True,
         check=True,

@@ -160,6 +160,8 @@ class CpuTransfer:
         ``ipc_event`` is for CUDA registrations; shared memory has nothing to wait on."""
         await self._run(cache.gather, cache, jobs)
 
-    async def retrieve(self, cache: MappedKVCache, jobs: Sequence[CopyJob], *, ipc_event: bytes = b"") -> None:
+    async def retrieve(
+        self, cache: MappedKVCache, jobs: Sequence[CopyJob], *, ipc_event: bytes = b""
+    ) -> None:
         """Copy L1 chunks into blocks; as ``store`` on cancellation."""
         await self._run(cache.scatter, cache, jobs)
