@@ -355,6 +355,16 @@ async def test_quotas_set_over_http_persist_to_the_quota_file(tmp_path):
         assert (await admin_request(running, "GET", "/v1/quota/@empty")).json()["quota"] == {"l1": 1024**2}
 
 
+async def test_a_quota_that_cannot_be_saved_is_500_and_still_in_force(tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    async with running_server(quota_file=str(blocker / "quotas.json")) as running:
+        answer = await admin_request(running, "PUT", "/v1/quota/t", {"l1": "1MiB"})
+        assert answer.status == 500
+        assert "could not be saved" in answer.json()["error"]
+        assert running.server.quotas.get("t") == {"l1": 1024**2}
+
+
 # ---------------------------------------------------------------- paths and methods
 
 

@@ -207,7 +207,22 @@ async def test_l2_evictions_are_counted_per_tier(kv):
         adapter = running.server.adapters[0]
         metrics = await scrape(running)
     assert adapter.evictions >= 2  # 4 chunks of 16 KiB into 32 KiB
-    assert metrics.value("trio_kv_evictions_total", tier="mock", reason="any") == adapter.evictions
+    assert adapter.evictions_by_reason == {"watermark": adapter.evictions}
+    assert metrics.value("trio_kv_evictions_total", tier="mock", reason="watermark") == adapter.evictions
+
+
+async def test_l2_quota_evictions_have_their_own_reason(kv):
+    async with running_server(chunk_size=CHUNK_SIZE, l2=["mock:"]) as running:
+        running.server.quotas.set("", {"mock": "32KiB"})
+        async with await connect(running, kv) as client:
+            await client.store("w", RequestKey("m", 1, 0, tokens(4)), blocks(4))
+            await trio.testing.wait_all_tasks_blocked()
+        adapter = running.server.adapters[0]
+        metrics = await scrape(running)
+        status = (await admin_request(running, "GET", "/v1/status")).json()
+    assert adapter.evictions_by_reason["quota"] >= 2  # 4 chunks of 16 KiB under a 32 KiB quota
+    assert status["l2"][0]["evictions_by_reason"] == {"quota": adapter.evictions}
+    assert metrics.value("trio_kv_evictions_total", tier="mock", reason="quota") == adapter.evictions
 
 
 # ---------------------------------------------------------------- write-behind, errors, health

@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+import trio
 
 from trio_kv.quotas import (
     DEFAULT_NAME,
@@ -72,6 +73,9 @@ def test_quotas_survive_a_restart_through_the_state_file(tmp_path):
     book.set("", {"l1": 7})
     book.set(None, {"fs:/data": 9})
     book.set("t", {"l1": 3})
+    assert book.unsaved
+    book.save_now()
+    assert not book.unsaved
     again = QuotaBook(TIERS, path)
     assert again.all() == book.all()
     assert json.loads((tmp_path / "state" / "quotas.json").read_text())["version"] == 1
@@ -97,3 +101,43 @@ def test_parse_quota_bytes_accepts_sizes_and_integral_numbers():
     assert parse_quota_bytes("2GiB") == 2 * 1024**3
     assert parse_quota_bytes(10.0) == 10
     assert parse_quota_bytes(0) == 0
+
+
+async def test_save_writes_only_when_something_changed(tmp_path):
+    path = tmp_path / "quotas.json"
+    book = QuotaBook(TIERS, str(path))
+    await book.save()
+    assert not path.exists()  # nothing changed: nothing written
+    book.set("t", {"l1": 3})
+    await book.save()
+    assert json.loads(path.read_text())["quotas"] == {"t": {"l1": 3}}
+    path.unlink()
+    await book.save()
+    assert not path.exists()  # already saved
+
+
+async def test_concurrent_saves_leave_the_newest_state(tmp_path):
+    path = tmp_path / "quotas.json"
+    book = QuotaBook(TIERS, str(path))
+    async with trio.open_nursery() as nursery:
+        for n in range(1, 6):
+            book.set("t", {"l1": n})
+            nursery.start_soon(book.save)
+    assert json.loads(path.read_text())["quotas"] == {"t": {"l1": 5}}
+    assert not book.unsaved
+
+
+async def test_a_failed_save_keeps_the_change_unsaved(tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    book = QuotaBook(TIERS, str(blocker / "quotas.json"))
+    book.set("t", {"l1": 3})
+    with pytest.raises(OSError):
+        await book.save()
+    assert book.unsaved and book.get("t") == {"l1": 3}
+
+
+def test_a_book_without_a_file_never_has_unsaved_changes():
+    book = QuotaBook(TIERS)
+    book.set("t", {"l1": 3})
+    assert not book.unsaved

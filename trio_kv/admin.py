@@ -305,7 +305,17 @@ class AdminApp:
             quota = self.quotas.set(salt, body)
         except QuotaError as exc:
             raise HTTPError(400, str(exc)) from None
+        await self._persist_quotas()
         return json_response({"salt": request.salt_name, "quota": quota})
+
+    async def _persist_quotas(self) -> None:
+        try:
+            await self.quotas.save()
+        except OSError as exc:
+            log.error("quota state file not written: %s", exc)
+            raise HTTPError(
+                500, f"the quota is in force but could not be saved to {self.quotas.path}: {exc}"
+            ) from None
 
     async def _quota_delete(self, request: HTTPRequest) -> HTTPResponse:
         salt = self._salt(request)
@@ -319,6 +329,7 @@ class AdminApp:
         if not self.quotas.delete(salt, tier):
             what = f"tier {tier} of {request.salt_name}" if tier is not None else request.salt_name
             raise HTTPError(404, f"no quota set for {what}")
+        await self._persist_quotas()
         return json_response(
             {"salt": request.salt_name, "deleted": tier or "all", "quota": self.quotas.get(salt)}
         )

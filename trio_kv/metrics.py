@@ -233,8 +233,8 @@ class _StateCollector:
         for reason, count in sorted(l1.evictions_by_reason.items()):
             evictions.add_metric([L1_TIER, reason], count)
         for adapter in _adapters(engine):
-            # Adapters count evictions (watermark and quota alike) without a reason.
-            evictions.add_metric([adapter.name, "any"], adapter.evictions)
+            for reason, count in sorted(adapter.evictions_by_reason.items()):
+                evictions.add_metric([adapter.name, reason], count)
         yield evictions
         refusals = CounterMetricFamily(
             "trio_kv_l1_refusals",

@@ -252,6 +252,7 @@ class TierStatus(msgspec.Struct, frozen=True):
     quota_skips: int = 0
     write_timeouts: int = 0
     load_timeouts: int = 0
+    evictions_by_reason: dict[str, int] = {}
 
 
 class StatusResult(_Message, tag="status_ok"):

@@ -19,6 +19,8 @@ import os
 import tempfile
 from collections.abc import Callable
 
+import trio
+
 from .errors import TrioKVError
 from .keys import validate_salt
 
@@ -86,6 +88,8 @@ class QuotaBook:
         # salt (None = the default for salts without their own) -> tier -> bytes
         self._quotas: dict[str | None, dict[str, int]] = {}
         self._listeners: list[QuotaListener] = []
+        self._version = self._saved_version = 0  # changes made / written to the state file
+        self._save_lock = trio.Lock()
         if path is not None and os.path.exists(path):
             self._load(path)
 
@@ -140,29 +144,41 @@ class QuotaBook:
         return True
 
     def _changed(self) -> None:
-        if self.path is not None:
-            self._save(self.path)
+        self._version += 1
         for listener in self._listeners:
             listener()
 
-    def _save(self, path: str) -> None:
-        state = {
+    @property
+    def unsaved(self) -> bool:
+        """True while a change has not reached the state file (always False without one)."""
+        return self.path is not None and self._saved_version != self._version
+
+    async def save(self) -> None:
+        """Write the state file if anything changed since the last write. The write (with fsync)
+        runs in a thread so a slow disk never stalls the event loop; concurrent saves queue and
+        each writes the newest state. Raises OSError when the file cannot be written."""
+        if self.path is None:
+            return
+        async with self._save_lock:
+            if not self.unsaved:
+                return
+            version, state = self._version, self._state()
+            await trio.to_thread.run_sync(_write_state, self.path, state)
+            self._saved_version = version
+
+    def save_now(self) -> None:
+        """``save`` for code outside the event loop (start-up, tests)."""
+        if self.unsaved:
+            assert self.path is not None
+            version = self._version
+            _write_state(self.path, self._state())
+            self._saved_version = version
+
+    def _state(self) -> dict[str, object]:
+        return {
             "version": 1,
-            "quotas": {salt_to_url_name(salt): tiers for salt, tiers in self._quotas.items()},
+            "quotas": {salt_to_url_name(salt): dict(tiers) for salt, tiers in self._quotas.items()},
         }
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        fd, temp = tempfile.mkstemp(prefix=".quotas-", dir=directory)
-        try:
-            with os.fdopen(fd, "w") as handle:
-                json.dump(state, handle, indent=2, sort_keys=True)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temp)
-            raise
 
     def _load(self, path: str) -> None:
         try:
@@ -175,3 +191,20 @@ class QuotaBook:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise QuotaError(f"cannot read quota state {path}: {exc}") from None
         self._quotas = loaded
+
+
+def _write_state(path: str, state: dict[str, object]) -> None:
+    """Atomically replace ``path`` with ``state`` as JSON (temp file, fsync, rename)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, temp = tempfile.mkstemp(prefix=".quotas-", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(state, handle, indent=2, sort_keys=True)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise

@@ -204,6 +204,14 @@ class Server:
                 task_status.started(self)
         finally:
             self._close_sockets()
+            self._save_quotas()
+
+    def _save_quotas(self) -> None:
+        """Last chance for a quota change whose save failed earlier to reach the state file."""
+        try:
+            self.quotas.save_now()
+        except OSError as exc:
+            log.error("quota changes not saved to %s: %s", self.quotas.path, exc)
 
     def _listen(self, url: str) -> pynng.Rep0:
         path = ipc_path(url)

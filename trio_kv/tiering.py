@@ -153,6 +153,7 @@ class Tiering:
                     quota_skips=counters.quota_skips,
                     write_timeouts=counters.write_timeouts,
                     load_timeouts=counters.load_timeouts,
+                    evictions_by_reason=dict(adapter.evictions_by_reason),
                 )
             )
         return statuses

@@ -71,8 +71,12 @@ class L2Adapter(abc.ABC):
         self.quota: Callable[[str], int | None] | None = None
         self.quota_skips = 0
         self._evict_wakeup = trio.Event()
-        self.evictions = 0
+        self.evictions_by_reason: Counter[str] = Counter()  # "watermark", "quota"
         self.errors = 0
+
+    @property
+    def evictions(self) -> int:
+        return sum(self.evictions_by_reason.values())
 
     @property
     def capacity(self) -> int | None:
@@ -144,7 +148,7 @@ class L2Adapter(abc.ABC):
                 raise QuotaExceeded(f"{self.name}: salt {salt!r} is at its quota of {limit} bytes")
             await self._delete([victim])
             self.ledger.remove([victim])
-            self.evictions += 1
+            self.evictions_by_reason["quota"] += 1
 
     async def contains(self, keys: Sequence[ObjectKey]) -> list[bool]:
         return await self._contains(keys)
@@ -207,13 +211,13 @@ class L2Adapter(abc.ABC):
                 await self._evict_wakeup.wait()
                 self._evict_wakeup = trio.Event()
             try:
-                await self.evict_to(int(self.low_watermark * (self.ledger.capacity or 0)))
+                await self.evict_to(int(self.low_watermark * (self.ledger.capacity or 0)), reason="watermark")
             except AdapterError as exc:
                 self.errors += 1
                 log.warning("%s: eviction failed: %s", self.name, exc)
                 await trio.sleep(1.0)  # back off before trying again
 
-    async def evict_to(self, target_bytes: int) -> int:
+    async def evict_to(self, target_bytes: int, *, reason: str = "watermark") -> int:
         """Delete unpinned objects until usage is at most ``target_bytes``: least recently
         used first, or, under the isolated policy, from the tenant furthest over its share."""
         evicted = 0
@@ -224,7 +228,7 @@ class L2Adapter(abc.ABC):
             await self._delete([victim])
             self.ledger.remove([victim])
             evicted += 1
-            self.evictions += 1
+            self.evictions_by_reason[reason] += 1
         return evicted
 
     def is_pinned(self, key: ObjectKey) -> bool:
