@@ -171,3 +171,19 @@ async def test_the_engine_hands_each_request_s_ipc_event_to_the_backend():
         await engine.retrieve(Retrieve("w", key, [4, 5, 6, 7], ipc_event=b"E2" * 32))
         await engine.store(Store("w", RequestKey("m", 1, 0, list(range(100, 132))), [8, 9]))
     assert transfer.events == [("store", b"E1" * 32), ("retrieve", b"E2" * 32), ("store", b"")]
+
+
+async def test_clients_send_the_ipc_event_with_stores_and_retrieves():
+    from trio_kv.client import AsyncClient
+    from trio_kv.keys import RequestKey
+    from trio_kv.testing import make_kv_cache
+
+    async with running_server(chunk_size=32, transfer="cpu") as server:
+        transfer = server.engine.transfer = RecordingTransfer()
+        tokens = list(range(64))
+        with make_kv_cache(num_blocks=16, block_size=16, num_layers=2) as kv:
+            async with await AsyncClient.connect(server.url) as client:
+                await client.register_kv_cache("w", kv)
+                await client.store("w", RequestKey("m", 1, 0, tokens), [0, 1, 2, 3], ipc_event=b"S" * 64)
+                await client.retrieve("w", RequestKey("m", 1, 0, tokens), [4, 5, 6, 7], ipc_event=b"R" * 64)
+    assert transfer.events == [("store", b"S" * 64), ("retrieve", b"R" * 64)]

@@ -9,13 +9,12 @@ which the client then enforces before sending anything.
 from __future__ import annotations
 
 import math
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import pynng
 import trio
 
 from .errors import ErrorCode, ServerError, TrioKVError
-from .gpu.shm import SharedKVCache
 from .keys import RequestKey, packed_key
 from .protocol import (
     PROTOCOL_VERSION,
@@ -72,6 +71,13 @@ def _unwrap(buf: bytes, expected: type[T]) -> T:
     if not isinstance(reply, expected):
         raise TrioKVError(ErrorCode.INTERNAL, f"expected {expected.__name__}, got {type(reply).__name__}")
     return reply
+
+
+class Exportable(Protocol):
+    """A KV cache that can describe itself for registration: ``gpu.shm.SharedKVCache`` (CPU path)
+    or ``gpu.ipc.CudaKVCacheExport`` (CUDA path)."""
+
+    def register_request(self, instance_id: str) -> RegisterKVCache: ...
 
 
 class _Session:
@@ -143,23 +149,34 @@ class AsyncClient(_Session):
     async def register(self, request: RegisterKVCache) -> Registered:
         return await self.call(request, Registered)
 
-    async def register_kv_cache(self, instance_id: str, kv_cache: SharedKVCache) -> Registered:
+    async def register_kv_cache(self, instance_id: str, kv_cache: Exportable) -> Registered:
         return await self.call(kv_cache.register_request(instance_id), Registered)
 
     async def unregister(self, instance_id: str) -> Unregistered:
         return await self.call(UnregisterKVCache(instance_id), Unregistered)
 
-    async def store(self, instance_id: str, key: RequestKey, block_ids: list[int]) -> StoreResult:
-        return await self.call(Store(instance_id, packed_key(key), block_ids), StoreResult)
+    async def store(
+        self, instance_id: str, key: RequestKey, block_ids: list[int], *, ipc_event: bytes = b""
+    ) -> StoreResult:
+        return await self.call(
+            Store(instance_id, packed_key(key), block_ids, ipc_event=ipc_event), StoreResult
+        )
 
     async def lookup(self, key: RequestKey) -> LookupResult:
         return await self.call(Lookup(packed_key(key)), LookupResult)
 
     async def retrieve(
-        self, instance_id: str, key: RequestKey, block_ids: list[int], skip_first_n_tokens: int = 0
+        self,
+        instance_id: str,
+        key: RequestKey,
+        block_ids: list[int],
+        skip_first_n_tokens: int = 0,
+        *,
+        ipc_event: bytes = b"",
     ) -> RetrieveResult:
         return await self.call(
-            Retrieve(instance_id, packed_key(key), block_ids, skip_first_n_tokens), RetrieveResult
+            Retrieve(instance_id, packed_key(key), block_ids, skip_first_n_tokens, ipc_event=ipc_event),
+            RetrieveResult,
         )
 
     async def release(
@@ -225,23 +242,32 @@ class BlockingClient(_Session):
     def register(self, request: RegisterKVCache) -> Registered:
         return self.call(request, Registered)
 
-    def register_kv_cache(self, instance_id: str, kv_cache: SharedKVCache) -> Registered:
+    def register_kv_cache(self, instance_id: str, kv_cache: Exportable) -> Registered:
         return self.call(kv_cache.register_request(instance_id), Registered)
 
     def unregister(self, instance_id: str) -> Unregistered:
         return self.call(UnregisterKVCache(instance_id), Unregistered)
 
-    def store(self, instance_id: str, key: RequestKey, block_ids: list[int]) -> StoreResult:
-        return self.call(Store(instance_id, packed_key(key), block_ids), StoreResult)
+    def store(
+        self, instance_id: str, key: RequestKey, block_ids: list[int], *, ipc_event: bytes = b""
+    ) -> StoreResult:
+        return self.call(Store(instance_id, packed_key(key), block_ids, ipc_event=ipc_event), StoreResult)
 
     def lookup(self, key: RequestKey) -> LookupResult:
         return self.call(Lookup(packed_key(key)), LookupResult)
 
     def retrieve(
-        self, instance_id: str, key: RequestKey, block_ids: list[int], skip_first_n_tokens: int = 0
+        self,
+        instance_id: str,
+        key: RequestKey,
+        block_ids: list[int],
+        skip_first_n_tokens: int = 0,
+        *,
+        ipc_event: bytes = b"",
     ) -> RetrieveResult:
         return self.call(
-            Retrieve(instance_id, packed_key(key), block_ids, skip_first_n_tokens), RetrieveResult
+            Retrieve(instance_id, packed_key(key), block_ids, skip_first_n_tokens, ipc_event=ipc_event),
+            RetrieveResult,
         )
 
     def release(
