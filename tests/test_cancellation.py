@@ -132,13 +132,13 @@ class BlockingTransfer(CpuTransfer):
         self.started.set()
         assert self.go.wait(10)
 
-    async def store(self, cache, jobs):
+    async def store(self, cache, jobs, *, ipc_event=b""):
         await trio.to_thread.run_sync(self._wait)
-        await super().store(cache, jobs)
+        await super().store(cache, jobs, ipc_event=ipc_event)
 
-    async def retrieve(self, cache, jobs):
+    async def retrieve(self, cache, jobs, *, ipc_event=b""):
         await trio.to_thread.run_sync(self._wait)
-        await super().retrieve(cache, jobs)
+        await super().retrieve(cache, jobs, ipc_event=ipc_event)
 
 
 async def test_a_cancelled_store_frees_its_buffers_only_after_the_copy_thread_is_done(kv):
@@ -163,10 +163,10 @@ async def test_a_cancelled_store_frees_its_buffers_only_after_the_copy_thread_is
 
 
 class FailingTransfer(CpuTransfer):
-    async def store(self, cache, jobs):
+    async def store(self, cache, jobs, *, ipc_event=b""):
         raise OSError("device fell off the bus")
 
-    async def retrieve(self, cache, jobs):
+    async def retrieve(self, cache, jobs, *, ipc_event=b""):
         raise OSError("device fell off the bus")
 
 

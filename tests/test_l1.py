@@ -222,3 +222,14 @@ def test_both_lru_orders_stay_consistent_through_pins_and_clears():
     l1.unpin_reader(entries[1])
     assert l1.evict_to(0) == 3  # b's three chunks; a's were cleared
     assert len(l1) == 0 and l1.ledger.total == 0
+
+
+def test_an_evicted_or_cleared_entry_cannot_be_pinned_again():
+    l1 = L1Store(4 * CHUNK)
+    gone = ready(l1, 1)
+    l1.clear()
+    ready(l1, 2)  # may take the bytes the first entry had
+    with pytest.raises(ValueError, match="live"):
+        l1.pin_reader(gone)
+    with pytest.raises(ValueError, match="live"):
+        l1.add_lease(gone)

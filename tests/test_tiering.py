@@ -203,6 +203,28 @@ async def test_chunks_evicted_before_their_turn_are_skipped(kv):
         r.assert_clean()
 
 
+async def test_a_chunk_evicted_while_its_writer_waits_for_a_slot_is_not_written(kv):
+    # Regression: the writer checked the chunk was live, then waited for a put slot; if the
+    # chunk was evicted meanwhile and its bytes reused, another chunk's bytes went out under its key.
+    async with rig(kv, writers_per_adapter=2, max_inflight_writes=1) as r:
+        adapter = r.adapters[0]
+        adapter.stall("put")
+        first, second, third = (list(range(n * 1000, n * 1000 + CHUNK)) for n in (1, 2, 3))
+        await r.store(first, [0, 1])  # writer 1 takes the only slot and hangs in put
+        await r.store(second, [2, 3])  # writer 2 waits for the slot
+        await trio.testing.wait_all_tasks_blocked()
+        second_key = r.object_keys(1, second)[0]
+        r.clear_l1()  # the second chunk is freed at once (the first stays pinned by its put)
+        await r.store(third, [4, 5])  # may reuse the second chunk's bytes
+        adapter.unstall()
+        await trio.testing.wait_all_tasks_blocked()
+        counters = r.tiering.counters(adapter)
+        assert second_key not in adapter.objects
+        assert counters.skipped_evicted >= 1
+        assert r.object_keys(1, third)[0] in adapter.objects
+        r.assert_clean()
+
+
 async def test_a_stalled_adapter_cannot_hold_a_lookup_past_its_deadline(kv, autojump_clock):
     async with rig(kv, lookup_timeout_s=0.5) as r:
         await r.store(TOKENS[: 2 * CHUNK])

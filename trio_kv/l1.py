@@ -226,6 +226,9 @@ class L1Store:
     def _pin(self, entry: Entry) -> None:
         if entry.state is not EntryState.READY:
             raise ValueError(f"only ready entries can be pinned: {entry}")
+        if self._entries.get(entry.key) is not entry:
+            # Evicted or cleared: its bytes may already belong to another chunk.
+            raise ValueError(f"only live entries can be pinned: {entry}")
         self._remove_evictable(entry)
 
     def _after_unpin(self, entry: Entry) -> None:

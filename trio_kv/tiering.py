@@ -196,6 +196,11 @@ class Tiering:
         # Taken before the pin: with every slot held by hung puts, the writer waits here
         # (and the queue fills and drops) instead of pinning ever more of L1.
         await tier.inflight_writes.acquire_on_behalf_of(done)
+        if self.l1.get_ready(entry.key) is not entry:
+            # Evicted while this writer waited for a slot: its bytes may be another chunk's now.
+            tier.inflight_writes.release_on_behalf_of(done)
+            tier.counters.skipped_evicted += 1
+            return
         self.l1.pin_reader(entry)  # not evicted (nor freed) mid-copy
         self._call_nursery().start_soon(self._put, tier, entry, done)
         with trio.move_on_after(self.settings.write_timeout_s):
