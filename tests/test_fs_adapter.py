@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from trio_kv.adapters import codec, fs, fs_format
+from trio_kv.adapters import codec, fs, fs_format, fs_io, fs_scan
 from trio_kv.adapters.base import AdapterError
-from trio_kv.adapters.fs import FsAdapter, ScanProgress
+from trio_kv.adapters.fs import FsAdapter
+from trio_kv.adapters.fs_scan import ScanProgress
 from trio_kv.engine import CacheEngine, EngineSettings
 from trio_kv.gpu import CpuTransfer
 from trio_kv.keys import ObjectKey, RequestKey
@@ -261,7 +262,7 @@ async def test_recovery_removes_a_temp_file_left_by_a_crash(tmp_path):
     adapter = FsAdapter(str(tmp_path))
     await adapter.put(key(1), payload(1))
     final = Path(adapter.path_of(key(1)))
-    stale = final.with_name(f"{fs.TEMP_PREFIX}{final.name}.12345.deadbeef")
+    stale = final.with_name(f"{fs_io.TEMP_PREFIX}{final.name}.12345.deadbeef")
     copy_file(final, stale, 5000)  # a writer killed mid-write
     again = await recovered(tmp_path)
     assert not stale.exists()
@@ -284,8 +285,8 @@ async def test_the_recovery_scan_reports_its_progress(tmp_path, monkeypatch):
         def update(self, done, total):
             reports.append((done, total))
 
-    monkeypatch.setattr(fs, "ScanProgress", RecordingProgress)
-    monkeypatch.setattr(fs, "SCAN_BATCH", 2)
+    monkeypatch.setattr(fs_scan, "ScanProgress", RecordingProgress)
+    monkeypatch.setattr(fs_scan, "SCAN_BATCH", 2)
     adapter = FsAdapter(str(tmp_path))
     for n in range(5):
         await adapter.put(key(n), payload(n, 10))
@@ -327,7 +328,7 @@ def test_scan_progress_logs_instead_when_the_stream_is_not_a_terminal(caplog):
     stream = io.StringIO()
     progress = ScanProgress("scan", stream=stream, clock=lambda: now[0])
     now[0] = 2.0
-    with caplog.at_level(logging.INFO, logger="trio_kv.adapters.fs"):
+    with caplog.at_level(logging.INFO, logger="trio_kv.adapters.fs_scan"):
         progress.update(3, None)
         progress.update(4, None)  # within 5 s of the last line: not logged
         now[0] = 8.0
@@ -369,14 +370,14 @@ async def test_a_put_cancelled_mid_write_leaves_no_file_and_the_ledger_unchanged
     await adapter.put(key(1), payload(1))
     usage = adapter.usage()
     writing, release = threading.Event(), threading.Event()
-    real_pwrite_all = fs._pwrite_all
+    real_pwrite_all = fs_io.pwrite_all
 
     def slow_pwrite_all(fd, data, offset):
         writing.set()
         release.wait()
         real_pwrite_all(fd, data, offset)
 
-    monkeypatch.setattr(fs, "_pwrite_all", slow_pwrite_all)
+    monkeypatch.setattr(fs_io, "pwrite_all", slow_pwrite_all)
     cancel_scope = trio.CancelScope()
 
     async def put() -> None:
@@ -403,7 +404,7 @@ async def test_a_full_disk_fails_the_put_marks_unhealthy_and_leaves_no_temp_file
     def disk_full(fd, data, offset):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(fs, "_pwrite_all", disk_full)
+    monkeypatch.setattr(fs_io, "pwrite_all", disk_full)
     with pytest.raises(AdapterError, match="No space left"):
         await adapter.put(key(1), payload(1))
     assert adapter.enospc_errors == 1
@@ -447,7 +448,7 @@ def record_open_flags(monkeypatch, refuse_direct: bool = False) -> list[int]:
 
 
 @pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT here")
-@pytest.mark.parametrize("size", [SIZE, fs.DIRECT_CHUNK + 3 * 4096 + 5])
+@pytest.mark.parametrize("size", [SIZE, fs_io.DIRECT_CHUNK + 3 * 4096 + 5])
 async def test_o_direct_round_trips_unaligned_sizes(tmp_path, monkeypatch, size):
     adapter = small_segments(FsAdapter(str(tmp_path), o_direct=True))
     adapter.segment_size = 1024 * 1024
@@ -467,7 +468,7 @@ async def test_o_direct_round_trips_unaligned_sizes(tmp_path, monkeypatch, size)
 async def test_a_filesystem_refusing_o_direct_falls_back_with_one_warning(tmp_path, monkeypatch, caplog):
     adapter = FsAdapter(str(tmp_path), o_direct=True)
     record_open_flags(monkeypatch, refuse_direct=True)
-    with caplog.at_level(logging.WARNING, logger="trio_kv.adapters.fs"):
+    with caplog.at_level(logging.WARNING, logger="trio_kv.adapters.fs_io"):
         for n in range(3):
             await adapter.put(key(n), payload(n))
             target = buffer()

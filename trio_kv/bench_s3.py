@@ -9,8 +9,8 @@ data) to the same bucket of the same endpoint, one object at a time:
   loop, circuit breaker and ledger (and, above the multipart threshold, parallel parts).
 * **direct**: boto3 alone, in one worker thread, no trio-kv: ``put_object`` of the same
   bytes already held as ``bytes`` objects, and ``get_object()["Body"].read()``, with a
-  client configured like the adapter's (``s3.make_client``: same timeouts, no checksum
-  pass, no payload signing), so the two differ only by what trio-kv adds.
+  client configured like the adapter's (``s3_transport.make_client``: same timeouts, no
+  checksum pass, no payload signing), so the two differ only by what trio-kv adds.
 
 An untimed warm-up round comes first. Rounds alternate which side goes first; each
 side writes fresh objects and deletes them before the other side starts. Figures are total bytes over total seconds across rounds; the ratios
@@ -36,7 +36,8 @@ import msgspec
 import torch
 import trio
 
-from .adapters.s3 import S3Adapter, make_client
+from .adapters.s3 import S3Adapter
+from .adapters.s3_transport import make_client
 from .keys import ObjectKey
 
 MIB = 1024 * 1024
