@@ -1,10 +1,10 @@
-"""The soak's CI form: half a minute of chaos, then nothing may be left over."""
+"""The soak's CI form: three quarters of a minute of chaos, then nothing may be left over."""
 
 from trio_kv.soak import run_soak
 
 
 async def test_soak_leaks_nothing_and_loses_no_byte():
-    report = await run_soak(25.0, clients=6, seed=7)
+    report = await run_soak(45.0, clients=8, seed=7)
     # The run really exercised the paths it audits.
     assert report.requests > 1000
     assert report.faults_injected > 10
