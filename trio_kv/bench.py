@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import math
 import random
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -25,6 +23,7 @@ import pynng
 import torch
 import trio
 
+from .bench_common import BenchFailed, bad_counts, emit, run_or_fail
 from .client import AsyncClient
 from .errors import TrioKVError
 from .gpu.shm import create_shared_kv_cache
@@ -40,10 +39,6 @@ INSTANCE = "bench"
 MODEL = "bench/llama-3-8b"
 TARGET_COPY_RATIO = 0.7
 TARGET_LOOKUP_RATIO = 1.5
-
-
-class BenchFailed(Exception):
-    """The server did not do what the benchmark asked (a chunk not stored, bytes that differ)."""
 
 
 class CpuBenchResult(msgspec.Struct):
@@ -262,29 +257,12 @@ def _table(r: CpuBenchResult) -> str:
     )
 
 
-def _single_cause(exc: BaseException) -> BaseException:
-    """The exception inside nested one-member groups (each Trio nursery wraps what it raises)."""
-    while (inner := getattr(exc, "exceptions", None)) and len(inner) == 1:
-        exc = inner[0]
-    return exc
-
-
 def main(args: argparse.Namespace) -> int:
     """``trio-kv bench cpu`` (the only benchmark so far); returns the exit status."""
-    for name in ("chunks", "prompt_chunks", "rounds", "layers", "lookups"):
-        if getattr(args, name) < 1:
-            print(f"trio-kv bench cpu: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
-            return 2
-    try:
-        result = trio.run(run_cpu, args)
-    except Exception as exc:
-        cause = _single_cause(exc)
-        if not isinstance(cause, (BenchFailed, TrioKVError)):
-            raise
-        print(f"trio-kv bench cpu: FAILED: {cause}", file=sys.stderr)
+    if bad_counts("cpu", args, ("chunks", "prompt_chunks", "rounds", "layers", "lookups")):
+        return 2
+    result = run_or_fail("cpu", run_cpu, args, expected=(TrioKVError,))
+    if result is None:
         return 1
-    if args.json:
-        print(json.dumps(msgspec.to_builtins(result)))
-    else:
-        print(_table(result))
+    emit(result, args.json, _table)
     return 0

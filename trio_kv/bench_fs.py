@@ -36,11 +36,9 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -52,15 +50,12 @@ import trio
 from .adapters import fs_format
 from .adapters.base import AdapterError
 from .adapters.fs import READ_PARTS, FsAdapter
+from .bench_common import BenchFailed, bad_counts, emit, run_or_fail
 from .keys import ObjectKey
 
 TARGET_RATIO = 0.8
 CONCURRENCY = 2  # puts/gets in flight: the server's write-behind workers per adapter
 MODEL = "bench/fs"
-
-
-class BenchFailed(Exception):
-    """The adapter did not do what the benchmark asked (a put refused, a miss, bytes that differ)."""
 
 
 class FsBenchResult(msgspec.Struct):
@@ -293,29 +288,16 @@ def _table(r: FsBenchResult) -> str:
     )
 
 
-def _single_cause(exc: BaseException) -> BaseException:
-    """The exception inside nested one-member groups (each Trio nursery wraps what it raises)."""
-    while (inner := getattr(exc, "exceptions", None)) and len(inner) == 1:
-        exc = inner[0]
-    return exc
-
-
 def main(args: argparse.Namespace) -> int:
     """``trio-kv bench fs``; returns the exit status."""
-    for name in ("chunks", "chunk_mib", "rounds"):
-        if getattr(args, name) < 1:
-            print(f"trio-kv bench fs: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
-            return 2
+    if bad_counts("fs", args, ("chunks", "chunk_mib", "rounds")):
+        return 2
     directory = tempfile.mkdtemp(prefix="trio-kv-bench-fs-", dir=args.dir or "/tmp")
     try:
-        result = trio.run(run_fs, args, directory)
-    except Exception as exc:
-        cause = _single_cause(exc)
-        if not isinstance(cause, (BenchFailed, AdapterError, OSError)):
-            raise
-        print(f"trio-kv bench fs: FAILED: {cause}", file=sys.stderr)
-        return 1
+        result = run_or_fail("fs", run_fs, args, directory, expected=(AdapterError, OSError))
     finally:
         shutil.rmtree(directory, ignore_errors=True)
-    print(json.dumps(msgspec.to_builtins(result)) if args.json else _table(result))
+    if result is None:
+        return 1
+    emit(result, args.json, _table)
     return 0

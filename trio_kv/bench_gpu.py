@@ -21,7 +21,6 @@ the CPU path gathers from a host copy of the same bytes.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import time
@@ -34,6 +33,7 @@ import torch
 import trio
 from cuda.bindings import driver
 
+from .bench_common import BenchFailed, bad_counts, emit, run_or_fail
 from .gpu.cpu import CopyJob, MappedKVCache
 from .gpu.cuda import CudaTransfer
 from .gpu.events import call, driver_status
@@ -48,10 +48,6 @@ HEAD_SIZE = 128
 ELEMENT_BYTES = 2  # bf16
 TARGET_RATIO = 0.8
 LAYOUTS = ("cross_layer", "per_layer")
-
-
-class BenchFailed(Exception):
-    """The copies did not move the bytes they should have."""
 
 
 class LayoutResult(msgspec.Struct):
@@ -286,21 +282,14 @@ def _table(result: GpuBenchResult) -> str:
 
 def main(args: argparse.Namespace) -> int:
     """``trio-kv bench gpu``; returns the exit status (2 without a usable GPU)."""
-    for name in ("chunks", "rounds", "layers"):
-        if getattr(args, name) < 1:
-            print(f"trio-kv bench gpu: --{name} must be >= 1", file=sys.stderr)
-            return 2
+    if bad_counts("gpu", args, ("chunks", "rounds", "layers")):
+        return 2
     reason = driver_status()
     if reason is not None:
         print(f"trio-kv bench gpu: needs a CUDA device: {reason}", file=sys.stderr)
         return 2
-    try:
-        result = trio.run(run_gpu, args)
-    except BenchFailed as exc:
-        print(f"trio-kv bench gpu: FAILED: {exc}", file=sys.stderr)
+    result = run_or_fail("gpu", run_gpu, args)
+    if result is None:
         return 1
-    if args.json:
-        print(json.dumps(msgspec.to_builtins(result)))
-    else:
-        print(_table(result))
+    emit(result, args.json, _table)
     return 0
