@@ -78,6 +78,36 @@ async def test_eviction_never_deletes_a_pinned_object():
         nursery.cancel_scope.cancel()
 
 
+async def test_an_object_being_deleted_is_a_miss_and_no_load_starts_on_it():
+    adapter = MockAdapter(capacity=4 * SIZE, high_watermark=0.5, low_watermark=0.25)
+    adapter.stall("delete")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(adapter.run)
+        for n in range(3):
+            await adapter.put(key(n), payload(n))
+        await trio.testing.wait_all_tasks_blocked()  # eviction chose key 0 and hangs deleting it
+        assert key(0) in adapter.objects
+        buffer = bytearray(SIZE)
+        assert not await adapter.get_into(key(0), memoryview(buffer))
+        assert "get" not in adapter.calls  # the load never touched the object
+        assert await adapter.contains([key(0), key(1)]) == [False, True]
+        # A second eviction (a quota, here) does not pick the object already going away.
+        adapter.quota = lambda salt: 2 * SIZE
+        async with trio.open_nursery() as admitting:
+            admitting.start_soon(adapter.put, key(9), payload(9))
+            await trio.testing.wait_all_tasks_blocked()
+            adapter.unstall()
+        await trio.testing.wait_all_tasks_blocked()  # the watermark loop settles too
+        assert key(0) not in adapter.objects and key(0) not in adapter.ledger
+        assert key(9) in adapter.objects
+        # Every eviction deleted a different object: none was picked twice.
+        assert adapter.evictions == adapter.calls.count("delete") == 4 - len(adapter.objects)
+        assert (
+            adapter.ledger.total == adapter.ledger.salt_bytes("") == sum(map(len, adapter.objects.values()))
+        )
+        nursery.cancel_scope.cancel()
+
+
 async def test_capacity_alone_turns_eviction_on():
     adapter = MockAdapter(capacity=2 * SIZE)
     async with trio.open_nursery() as nursery:

@@ -66,6 +66,7 @@ class L2Adapter(abc.ABC):
         self.low_watermark = low_watermark
         self.limiter = trio.CapacityLimiter(max_threads)
         self._pins: Counter[ObjectKey] = Counter()
+        self._deleting: set[ObjectKey] = set()  # being deleted: misses from now on
         # Set by the server: the eviction policy and the per-salt quota of this tier.
         self.policy = "lru"
         self.quota: Callable[[str], int | None] | None = None
@@ -125,6 +126,9 @@ class L2Adapter(abc.ABC):
 
     async def get_into(self, key: ObjectKey, buffer: memoryview) -> bool:
         """Read one object into ``buffer`` (exactly its size). True on a hit."""
+        if key in self._deleting:
+            await trio.lowlevel.checkpoint()
+            return False
         self.pin(key)
         try:
             hit = await self._get_into(key, buffer)
@@ -142,23 +146,34 @@ class L2Adapter(abc.ABC):
         if limit is None:
             return
         while self.ledger.salt_bytes(salt) + size > limit:
-            victim = self.ledger.oldest(salt, skip=self.is_pinned)
+            victim = self.ledger.oldest(salt, skip=self._unevictable)
             if size > limit or victim is None:
                 self.quota_skips += 1
                 raise QuotaExceeded(f"{self.name}: salt {salt!r} is at its quota of {limit} bytes")
-            await self._delete([victim])
-            self.ledger.remove([victim])
+            await self._remove([victim])
             self.evictions_by_reason["quota"] += 1
 
     async def contains(self, keys: Sequence[ObjectKey]) -> list[bool]:
-        return await self._contains(keys)
+        held = await self._contains(keys)
+        if self._deleting:
+            held = [h and k not in self._deleting for k, h in zip(keys, held)]
+        return held
+
+    async def _remove(self, keys: Sequence[ObjectKey]) -> None:
+        """Delete objects and forget them. While the delete runs they are misses for new
+        lookups and loads, so no load can start on an object that is going away."""
+        self._deleting.update(keys)
+        try:
+            await self._delete(keys)
+            self.ledger.remove(keys)
+        finally:
+            self._deleting.difference_update(keys)
 
     async def delete(self, keys: Sequence[ObjectKey]) -> int:
         """Delete objects (pinned ones are skipped); returns how many were deleted."""
         victims = [k for k in keys if not self._pins[k]]
         if victims:
-            await self._delete(victims)
-            self.ledger.remove(victims)
+            await self._remove(victims)
         return len(victims)
 
     def usage(self) -> AdapterUsage:
@@ -225,8 +240,7 @@ class L2Adapter(abc.ABC):
             victim = self._next_victim()
             if victim is None:
                 break
-            await self._delete([victim])
-            self.ledger.remove([victim])
+            await self._remove([victim])
             evicted += 1
             self.evictions_by_reason[reason] += 1
         return evicted
@@ -234,8 +248,11 @@ class L2Adapter(abc.ABC):
     def is_pinned(self, key: ObjectKey) -> bool:
         return self._pins[key] > 0
 
+    def _unevictable(self, key: ObjectKey) -> bool:
+        return self._pins[key] > 0 or key in self._deleting
+
     def _next_victim(self) -> ObjectKey | None:
-        pinned = self.is_pinned
+        pinned = self._unevictable
         if self.policy != "isolated":
             return self.ledger.oldest(skip=pinned)
         candidates = {s: self.ledger.oldest(s, skip=pinned) for s in self.ledger.salts()}
