@@ -11,19 +11,14 @@ from typing import Any, TypeVar
 import msgspec
 import trio
 
+from .errors import single_cause
+
 T = TypeVar("T")
 
 
 class BenchFailed(Exception):
     """The system under test did not do what the benchmark asked (a chunk not stored, a miss,
     bytes that differ)."""
-
-
-def single_cause(exc: BaseException) -> BaseException:
-    """The exception inside nested one-member groups (each Trio nursery wraps what it raises)."""
-    while (inner := getattr(exc, "exceptions", None)) and len(inner) == 1:
-        exc = inner[0]
-    return exc
 
 
 def bad_counts(bench: str, args: argparse.Namespace, names: Sequence[str]) -> bool:

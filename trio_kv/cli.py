@@ -14,9 +14,7 @@ import trio
 
 from . import __version__, cli_admin
 from .config import DEFAULT_LISTEN, ConfigError, ServerConfig, config_json, load_config
-
-if sys.version_info < (3, 11):  # pragma: no cover
-    from exceptiongroup import BaseExceptionGroup
+from .errors import single_cause
 
 log = logging.getLogger("trio_kv")
 
@@ -198,8 +196,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _startup_failure(exc: BaseException) -> BaseException | None:
     """The RuntimeError/OSError a failed start raised (a socket in use, an admin port taken),
     unwrapped from the Trio exception groups it travelled in; None for anything else."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
+    exc = single_cause(exc)
     return exc if isinstance(exc, (RuntimeError, OSError)) else None
 
 

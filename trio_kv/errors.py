@@ -35,3 +35,10 @@ class TrioKVError(Exception):
 
 class ServerError(TrioKVError):
     """Raised by clients when the server answered with an error reply."""
+
+
+def single_cause(exc: BaseException) -> BaseException:
+    """The exception inside nested one-member groups (each Trio nursery wraps what it raises)."""
+    while (inner := getattr(exc, "exceptions", None)) and len(inner) == 1:
+        exc = inner[0]
+    return exc
