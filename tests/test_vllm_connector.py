@@ -103,7 +103,7 @@ async def test_a_prefix_stored_through_the_connector_is_found_by_the_next_reques
     prompt = list(range(100))
 
     def scenario():
-        with make_kv_cache(num_blocks=64, block_size=16) as cache:
+        with make_kv_cache(num_blocks=64, block_size=16, sealed=False) as cache:
             scheduler = TrioKVConnector(vllm_config(server.url), Role.SCHEDULER, None)
             worker = TrioKVConnector(vllm_config(server.url), Role.WORKER, None)
             try:

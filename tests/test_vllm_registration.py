@@ -44,13 +44,13 @@ def test_an_unknown_or_ambiguous_layout_is_refused(shape):
 
 @pytest.mark.parametrize("layout", ["per_layer", "cross_layer"])
 def test_shared_memory_tensors_are_described_as_their_creator_describes_them(layout):
-    with make_kv_cache(num_blocks=32, block_size=16, layout=layout) as cache:
+    with make_kv_cache(num_blocks=32, block_size=16, layout=layout, sealed=False) as cache:
         request = kv_cache_registration("w", layers(cache), block_size=16, num_blocks=32)
         assert request == cache.register_request("w")
 
 
 def test_layers_sharing_one_tensor_are_registered_once():
-    with make_kv_cache(num_blocks=32, block_size=16, num_layers=2) as cache:
+    with make_kv_cache(num_blocks=32, block_size=16, num_layers=2, sealed=False) as cache:
         kv_caches = layers(cache)
         kv_caches["model.layers.2.self_attn"] = cache.tensors[0]
         request = kv_cache_registration("w", kv_caches, block_size=16, num_blocks=32)
@@ -63,14 +63,17 @@ def test_private_memory_is_refused_with_the_reason():
 
 
 def test_tensors_in_two_files_are_refused():
-    with make_kv_cache(num_blocks=32) as first, make_kv_cache(num_blocks=32) as second:
+    with (
+        make_kv_cache(num_blocks=32, sealed=False) as first,
+        make_kv_cache(num_blocks=32, sealed=False) as second,
+    ):
         kv_caches = {"l0": first.tensors[0], "l1": second.tensors[0]}
         with pytest.raises(ValueError, match="two files"):
             kv_cache_registration("w", kv_caches, block_size=16, num_blocks=32)
 
 
 async def test_the_server_accepts_the_registration(server):
-    with make_kv_cache(num_blocks=32, block_size=16) as cache:
+    with make_kv_cache(num_blocks=32, block_size=16, sealed=False) as cache:
         request = kv_cache_registration("w", layers(cache), block_size=16, num_blocks=32)
 
         def register():

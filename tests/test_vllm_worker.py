@@ -271,8 +271,18 @@ def test_cuda_export_hands_every_distinct_tensor_and_its_block_dimension_to_the_
     assert (seen.block_dim, seen.block_size) == (1, 16)
 
 
-def test_cpu_kv_caches_outside_shared_memory_are_refused():
+def test_cpu_kv_caches_outside_shared_memory_are_registered_through_a_staging_mirror():
     worker = worker_logic(FakeClient())
-    with pytest.raises(ValueError, match="not in a shared-memory file"):
-        worker.register_kv_caches({"layer.0": torch.zeros(2, 64, 16, 2, 8)}, num_blocks=64)
+    private = torch.zeros(2, 64, 16, 2, 8)
+    worker.register_kv_caches({"layer.0": private}, num_blocks=64)
+    assert worker.registered and worker.staging is not None
+    [spec] = worker.staging.specs
+    assert (spec.shape, spec.block_dim) == ([2, 64, 16, 2, 8], 1)
+    worker.shutdown()
+
+
+def test_a_kv_layout_trio_kv_does_not_know_fails_registration_clearly():
+    worker = worker_logic(FakeClient())
+    with pytest.raises(ValueError, match="does not know this layout"):
+        worker.register_kv_caches({"layer.0": torch.zeros(7, 9, 16)}, num_blocks=64)
     assert not worker.registered

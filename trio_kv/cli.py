@@ -120,9 +120,9 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
 
 def _bench_modules() -> dict[str, Any]:
     """``trio-kv bench`` subcommands beyond cpu, each a module with add_parser() and main()."""
-    from . import bench_fs, bench_gpu, bench_s3, bench_soak
+    from . import bench_fs, bench_gpu, bench_s3, bench_soak, bench_vllm
 
-    return {"fs": bench_fs, "s3": bench_s3, "gpu": bench_gpu, "soak": bench_soak}
+    return {"fs": bench_fs, "s3": bench_s3, "gpu": bench_gpu, "soak": bench_soak, "vllm": bench_vllm}
 
 
 def build_parser() -> argparse.ArgumentParser:

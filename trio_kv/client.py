@@ -104,9 +104,12 @@ class _Session:
 class AsyncClient(_Session):
     """A Trio client. Use ``async with await AsyncClient.connect(url) as client:``."""
 
-    def __init__(self, sock: pynng.Req0, timeout_s: float) -> None:
+    def __init__(self, sock: pynng.Req0, timeout_s: float, *, fail_fast: bool = False) -> None:
         self._sock = sock
         self.timeout_s = timeout_s
+        # fail_fast: a call while no connection to the server is up raises ConnectionError at
+        # once instead of waiting out the timeout (nng redials in the background).
+        self.fail_fast = fail_fast
 
     @classmethod
     async def connect(
@@ -197,9 +200,12 @@ class AsyncClient(_Session):
 class BlockingClient(_Session):
     """A blocking client, safe to share between threads (each call uses its own nng context)."""
 
-    def __init__(self, sock: pynng.Req0, timeout_s: float) -> None:
+    def __init__(self, sock: pynng.Req0, timeout_s: float, *, fail_fast: bool = False) -> None:
         self._sock = sock
         self.timeout_s = timeout_s
+        # fail_fast: a call while no connection to the server is up raises ConnectionError at
+        # once instead of waiting out the timeout (nng redials in the background).
+        self.fail_fast = fail_fast
 
     @classmethod
     def connect(
@@ -216,6 +222,8 @@ class BlockingClient(_Session):
 
     def call(self, request: Any, expected: type[T]) -> T:
         buf = self._encode(request)
+        if self.fail_fast and not self._sock.pipes:
+            raise ConnectionError("not connected to the trio-kv server (nng is redialling)")
         ctx = self._sock.new_context()
         try:
             ctx.send(buf)

@@ -8,6 +8,7 @@ is cancelled at any await leaves every count exactly where it was.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -30,6 +31,7 @@ from .keys import (
 )
 from .l1 import Entry, L1Store, Refusal
 from .leases import LeaseTable
+from .owners import OwnerWatch
 from .protocol import (
     Clear,
     Cleared,
@@ -55,6 +57,7 @@ from .tiering import Tiering
 
 FaultHook = Callable[[str], Awaitable[None]]
 MAX_INSTANCE_ID_CHARS = 256
+log = logging.getLogger(__name__)
 
 
 class EngineSettings(msgspec.Struct, frozen=True):
@@ -91,6 +94,8 @@ class CacheEngine:
         )
         self.leases = LeaseTable(l1)
         self.instances: dict[str, MappedKVCache] = {}
+        # Registrations of sealed memfds are dropped when the process that owns the memory exits.
+        self.owners = OwnerWatch(self._owner_exited)
         self.started_at = time.monotonic()
         self.requests_in_flight = 0
         self._housekeeping_wakeup = trio.Event()
@@ -110,12 +115,26 @@ class CacheEngine:
                 f"block_size {request.block_size} must divide the chunk size {self.chunk_size}",
             )
         cache = self.transfer.open(request)
+        replaced = self.instances.get(request.instance_id)
+        if replaced is not None:
+            self.owners.forget(replaced)
         self.instances[request.instance_id] = cache
+        if cache.owner_pidfd is not None:
+            self.owners.watch(cache, cache.owner_pidfd)
         return Registered(request.instance_id, cache.layout.num_blocks, cache.layout.block_bytes)
 
     def unregister(self, request: UnregisterKVCache) -> Unregistered:
         # Copies in flight keep their own reference to the mapping, so this is safe at any time.
-        return Unregistered(existed=self.instances.pop(request.instance_id, None) is not None)
+        cache = self.instances.pop(request.instance_id, None)
+        if cache is not None:
+            self.owners.forget(cache)
+        return Unregistered(existed=cache is not None)
+
+    def _owner_exited(self, cache: object) -> None:
+        for instance_id, registered in list(self.instances.items()):
+            if registered is cache:
+                del self.instances[instance_id]
+                log.info("KV cache %r unregistered: the process that owns its memory exited", instance_id)
 
     def _instance(self, instance_id: str) -> MappedKVCache:
         cache = self.instances.get(instance_id)

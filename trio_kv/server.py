@@ -168,6 +168,7 @@ class Server:
             async with trio.open_nursery() as nursery:
                 self._cancel_scope = nursery.cancel_scope
                 nursery.start_soon(self.engine.run_housekeeping)
+                nursery.start_soon(self.engine.owners.run)
                 nursery.start_soon(self.l1.run_watermark_eviction)
                 # Each adapter runs its own task group; its recovery scan finishes before we serve.
                 for adapter in self.adapters:

@@ -12,6 +12,7 @@ buffers ``out`` and reached 4.0 / 6.9.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ import trio
 
 from ..protocol import RegisterKVCache
 from .layout import KVLayout, plan_layout
+from .memfd import open_sealed_region, sealed_path_owner
 from .shm import open_registered_region
 
 _WIDTH_DTYPES = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
@@ -44,9 +46,12 @@ class CopyJob:
 class MappedKVCache:
     """A registered KV cache as the server sees it: the mapped region and per-segment views."""
 
-    def __init__(self, layout: KVLayout, region: torch.Tensor) -> None:
+    def __init__(self, layout: KVLayout, region: torch.Tensor, owner_pidfd: int | None = None) -> None:
         self.layout = layout
         self.region = region  # keeps the mapping alive while any copy uses it
+        # A pidfd of the process whose sealed memfd this is (None for a plain shared file):
+        # the engine drops the registration when it becomes readable.
+        self.owner_pidfd = owner_pidfd
         dtype = _WIDTH_DTYPES[layout.width]
         usable = region.numel() // layout.width * layout.width
         wide = region[:usable].view(dtype)
@@ -123,10 +128,20 @@ class CpuTransfer:
         self.shm_dir = shm_dir
 
     def open(self, request: RegisterKVCache) -> MappedKVCache:
-        """Validate and map a registration (raises BAD_REGISTRATION)."""
-        region = open_registered_region(request, self.shm_dir)
-        layout = plan_layout(request.tensors, request.block_size, region.numel())
-        return MappedKVCache(layout, region)
+        """Validate and map a registration (raises BAD_REGISTRATION).
+
+        ``shm_path`` is a sealed memfd of the engine's (``/proc/<pid>/fd/<fd>``) or a
+        shared file under ``shm_dir``."""
+        if sealed_path_owner(request.shm_path) is None:
+            region = open_registered_region(request, self.shm_dir)
+            return MappedKVCache(plan_layout(request.tensors, request.block_size, region.numel()), region)
+        opened = open_sealed_region(request.shm_path, request.shm_bytes)
+        try:
+            layout = plan_layout(request.tensors, request.block_size, opened.tensor.numel())
+        except BaseException:
+            os.close(opened.owner_pidfd)
+            raise
+        return MappedKVCache(layout, opened.tensor, opened.owner_pidfd)
 
     async def _run(
         self,

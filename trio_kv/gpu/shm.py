@@ -13,6 +13,7 @@ import torch
 
 from ..errors import ErrorCode, TrioKVError
 from ..protocol import RegisterKVCache, TensorSpec
+from .memfd import SealedRegion, create_sealed_region
 
 DEFAULT_SHM_DIR = "/dev/shm"
 _ALIGN = 4096
@@ -32,7 +33,9 @@ class SharedKVCache:
     """KV tensors that live in one shared-memory file, as a CPU-path engine holds them.
 
     ``tensors[i]`` is described by ``specs[i]``; ``register_request`` builds the
-    message that lets a trio-kv server map the same memory. ``close`` unlinks the file.
+    message that lets a trio-kv server map the same memory. The file is a sealed
+    memfd (``sealed``; ``path`` is ``/proc/<pid>/fd/<fd>``) or a named file in a
+    shared-memory directory. ``close`` closes the memfd or unlinks the file.
     """
 
     path: str
@@ -41,6 +44,7 @@ class SharedKVCache:
     tensors: list[torch.Tensor]
     specs: list[TensorSpec]
     region: torch.Tensor = field(repr=False)
+    sealed: SealedRegion | None = field(default=None, repr=False)
 
     @property
     def num_blocks(self) -> int:
@@ -66,6 +70,9 @@ class SharedKVCache:
         return b"".join(parts)
 
     def close(self) -> None:
+        if self.sealed is not None:
+            self.sealed.close()
+            return
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
 
@@ -87,8 +94,9 @@ def create_shared_kv_cache(
     layout: str = "per_layer",
     directory: str = DEFAULT_SHM_DIR,
     fill: str = "random",
+    sealed: bool = True,
 ) -> SharedKVCache:
-    """Create a KV cache in shared memory.
+    """Create a KV cache in shared memory: a sealed memfd, or with ``sealed=False`` a file in ``directory``.
 
     ``layout="per_layer"``: one tensor per layer shaped
     ``(2, num_blocks, block_size, num_kv_heads, head_size)`` (vLLM's FlashAttention
@@ -105,7 +113,7 @@ def create_shared_kv_cache(
         block_dim = 0
     else:
         raise ValueError(f"layout must be 'per_layer' or 'cross_layer', got {layout!r}")
-    return create_shared_tensors(shapes, block_dim, block_size, dtype, directory, fill)
+    return create_shared_tensors(shapes, block_dim, block_size, dtype, directory, fill, sealed=sealed)
 
 
 def create_shared_tensors(
@@ -115,7 +123,13 @@ def create_shared_tensors(
     dtype: torch.dtype,
     directory: str = DEFAULT_SHM_DIR,
     fill: str = "random",
+    *,
+    sealed: bool = True,
 ) -> SharedKVCache:
+    """Tensors of ``shapes`` in one shared region, each aligned to a page.
+
+    ``sealed`` (the default): a memfd sealed against shrinking, which a server can map
+    without any risk of SIGBUS. Otherwise a new file in ``directory``."""
     elem = torch.empty((), dtype=dtype).element_size()
     offsets, cursor = [], 0
     for shape in shapes:
@@ -124,13 +138,18 @@ def create_shared_tensors(
         for n in shape:
             size *= n
         cursor += (size + _ALIGN - 1) // _ALIGN * _ALIGN
-    path = os.path.join(directory, f"trio-kv-{os.getpid()}-{secrets.token_hex(6)}")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.ftruncate(fd, cursor)
-    finally:
-        os.close(fd)
-    region = map_file(path, cursor)
+    seal: SealedRegion | None = None
+    if sealed:
+        seal = create_sealed_region(cursor, name="trio-kv-kv-cache")
+        path, region = seal.path, seal.tensor.view(torch.uint8)
+    else:
+        path = os.path.join(directory, f"trio-kv-{os.getpid()}-{secrets.token_hex(6)}")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, cursor)
+        finally:
+            os.close(fd)
+        region = map_file(path, cursor)
     tensors, specs = [], []
     for shape, offset in zip(shapes, offsets):
         count = 1
@@ -143,7 +162,7 @@ def create_shared_tensors(
         specs.append(
             TensorSpec(offset, dtype_name(dtype), list(tensor.shape), list(tensor.stride()), block_dim)
         )
-    return SharedKVCache(path, cursor, block_size, tensors, specs, region)
+    return SharedKVCache(path, cursor, block_size, tensors, specs, region, seal)
 
 
 def open_registered_region(request: RegisterKVCache, allowed_dir: str) -> torch.Tensor:

@@ -19,7 +19,8 @@ def connect(config: ConnectorConfig, *, client_name: str) -> BlockingClient:
 
     Sends as well as receives time out after ``timeout_s``: without a send timeout
     an nng request waits forever for a server that has gone away, and the engine's
-    background threads would hang with it.
+    background threads would hang with it. While no connection is up (the server
+    died; nng redials) calls fail at once, so vLLM recomputes without waiting.
     """
     deadline = time.monotonic() + config.connect_timeout_s
     while True:
@@ -43,7 +44,7 @@ def _connect_once(config: ConnectorConfig, client_name: str) -> BlockingClient:
         sock.recv_timeout = timeout_ms
         sock.send_timeout = timeout_ms
         sock.dial(config.url, block=True)
-        client = BlockingClient(sock, config.timeout_s)
+        client = BlockingClient(sock, config.timeout_s, fail_fast=True)
         client.hello = client.call(Hello(PROTOCOL_VERSION, client_name), HelloOk)
     except BaseException:
         sock.close()

@@ -35,8 +35,11 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from .config import config_from_extra
+from .deltas import CounterDeltas
 from .metadata import StepPlan
 from .scheduler import SchedulerLogic
+from .shared_alloc import SharedKVAllocation
+from .stats import TrioKVConnectorStats
 from .translate import HYBRID_NOT_SUPPORTED, scheduler_step, single_group
 from .worker import WorkerLogic
 
@@ -92,6 +95,8 @@ class TrioKVConnector(KVConnectorBase_V1):
         )
         self._scheduler: SchedulerLogic | None = None
         self._worker: WorkerLogic | None = None
+        self._allocation: SharedKVAllocation | None = None
+        self._stat_deltas = CounterDeltas()
         if role == KVConnectorRole.SCHEDULER:
             kv_role = transfer_config.kv_role or "kv_both"
             self._scheduler = SchedulerLogic.connect(
@@ -111,6 +116,10 @@ class TrioKVConnector(KVConnectorBase_V1):
                 block_size=block_size,
                 instance_id=f"vllm-{socket.gethostname()}-{os.getpid()}-rank{rank}",
             )
+            device_config = getattr(vllm_config, "device_config", None)
+            if getattr(device_config, "device_type", "") == "cpu":
+                # vLLM's CPU KV cache is private memory unless allocated inside our context.
+                self._allocation = SharedKVAllocation()
 
     # ------------------------------------------------------------ capabilities
 
@@ -124,8 +133,13 @@ class TrioKVConnector(KVConnectorBase_V1):
 
     # ------------------------------------------------------------ worker side
 
+    def get_mem_pool_context(self) -> SharedKVAllocation | None:
+        """On the CPU: the context vLLM allocates its KV cache in, so it lands in shared memory."""
+        return self._allocation
+
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        self._worker_logic().register_kv_caches(kv_caches, num_blocks=self._num_blocks)
+        shared = self._allocation.mappings() if self._allocation is not None else []
+        self._worker_logic().register_kv_caches(kv_caches, num_blocks=self._num_blocks, shared=shared or None)
 
     def handle_preemptions(self, kv_connector_metadata: Any) -> None:
         # vLLM passes this step's connector metadata (older releases: the preempted request ids).
@@ -155,10 +169,22 @@ class TrioKVConnector(KVConnectorBase_V1):
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker_logic().get_block_ids_with_load_errors()
 
+    def get_kv_connector_stats(self) -> TrioKVConnectorStats | None:
+        """What changed since the last call (worker: loads and stores; scheduler: lookups)."""
+        logic = self._worker if self._worker is not None else self._scheduler
+        delta = {} if logic is None else self._stat_deltas.since_last(logic.stats)
+        return TrioKVConnectorStats(data=delta) if delta else None
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> TrioKVConnectorStats:
+        return TrioKVConnectorStats(data=dict(data or {}))
+
     def shutdown(self) -> None:
         if self._worker is not None:
             self._worker.shutdown()
             self._worker = None
+        if self._allocation is not None:
+            self._allocation.close()
         if self._scheduler is not None:
             self._scheduler.close()
             self._scheduler = None

@@ -20,6 +20,8 @@ import logging
 import time
 from collections.abc import Callable
 
+import msgspec
+
 from ..client import BlockingClient
 from ..keys import RequestKey, pack_tokens
 from .background import BackgroundCalls
@@ -31,6 +33,14 @@ from .request_state import EngineRequest, PendingLookup, RequestState
 __all__ = ["EngineRequest", "SchedulerLogic"]
 
 log = logging.getLogger("trio_kv.vllm")
+
+
+class SchedulerStats(msgspec.Struct):
+    """Counters since start-up."""
+
+    lookups: int = 0  # lookups answered (a failed or late one counts as a miss)
+    lookup_hit_tokens: int = 0  # tokens the server reported holding, summed over lookups
+    lookup_failures: int = 0  # lookups that raised or had no answer in time
 
 
 class SchedulerLogic:
@@ -67,6 +77,7 @@ class SchedulerLogic:
         self.lookup_timeout_s = lookup_timeout_s
         self._clock = clock
         self._trackers: dict[str, RequestState] = {}
+        self.stats = SchedulerStats()
 
     @classmethod
     def connect(
@@ -295,14 +306,19 @@ class SchedulerLogic:
                 self.lookup_timeout_s,
             )
             tracker.hit_tokens = 0  # a late answer's leases end with the session (request_finished)
+            self.stats.lookups += 1
+            self.stats.lookup_failures += 1
             return 0
+        self.stats.lookups += 1
         try:
             tracker.hit_tokens = lookup.future.result()
         except Exception as exc:
             log.warning(
                 "trio-kv: lookup for %r failed, computing it instead: %s", tracker.request.request_id, exc
             )
+            self.stats.lookup_failures += 1
             tracker.hit_tokens = 0
+        self.stats.lookup_hit_tokens += tracker.hit_tokens
         return tracker.hit_tokens
 
     def _release(self, tracker: RequestState, start: int, end: int | None) -> None:

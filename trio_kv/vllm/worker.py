@@ -26,19 +26,27 @@ import threading
 from collections.abc import Iterable, Mapping
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import msgspec
 import torch
 
 from ..client import BlockingClient
+from ..errors import ErrorCode, TrioKVError
 from ..keys import RequestKey
-from ..protocol import RegisterKVCache, Retrieve, RetrieveResult, Store, StoreResult
+from ..protocol import Registered, RegisterKVCache, Retrieve, RetrieveResult, Store, StoreResult
 from .background import BackgroundCalls
 from .config import ConnectorConfig
 from .connection import check_chunk_size, connect
 from .metadata import RetrievePlan, StepPlan, StorePlan
-from .registration import cuda_kv_cache_export, distinct_tensors, kv_cache_registration
+from .registration import (
+    FileMapping,
+    block_dim,
+    cuda_kv_cache_export,
+    distinct_tensors,
+    kv_cache_registration,
+)
+from .staging import StagingMirror
 
 
 class IpcEvents(Protocol):
@@ -52,6 +60,7 @@ class IpcEvents(Protocol):
 
 
 log = logging.getLogger("trio_kv.vllm")
+T = TypeVar("T")
 
 
 class WorkerStats(msgspec.Struct):
@@ -105,6 +114,9 @@ class WorkerLogic:
         self._load_error_blocks: set[int] = set()
         self._sync_unfilled_blocks: set[int] = set()  # this step's: stores reading them are dropped
         self._events: IpcEvents | None = None
+        self._registration: RegisterKVCache | None = None  # sent again to a restarted server
+        self._register_lock = threading.Lock()
+        self.staging: StagingMirror | None = None  # set when vLLM's CPU KV cache is private memory
 
     @classmethod
     def connect(
@@ -133,22 +145,41 @@ class WorkerLogic:
 
     # ------------------------------------------------------------ vLLM's calls
 
-    def register_kv_caches(self, kv_caches: Mapping[str, torch.Tensor], *, num_blocks: int) -> None:
+    def register_kv_caches(
+        self,
+        kv_caches: Mapping[str, torch.Tensor],
+        *,
+        num_blocks: int,
+        shared: list[FileMapping] | None = None,
+    ) -> None:
         """Register the engine's KV tensors with the server (blocking: start-up only).
 
-        CUDA tensors are exported by CUDA IPC with an interprocess event; CPU
-        tensors must live in one shared-memory file (see ``registration``).
+        CUDA tensors are exported by CUDA IPC with an interprocess event. CPU
+        tensors are registered where they lie when that is shared memory:
+        ``shared`` (the regions ``SharedKVAllocation`` made) or, when None, any
+        shared file mapping of this process. Otherwise blocks are staged through
+        a shared mirror (``staging``), announced by one warning.
         """
         tensors = distinct_tensors(kv_caches.values())
         if tensors and tensors[0].is_cuda:
             export = cuda_kv_cache_export(kv_caches, block_size=self.block_size, num_blocks=num_blocks)
             self.register(export.register_request(self.instance_id), events=export)
-        else:
-            self.register(
-                kv_cache_registration(
-                    self.instance_id, kv_caches, block_size=self.block_size, num_blocks=num_blocks
-                )
+            return
+        try:
+            request = kv_cache_registration(
+                self.instance_id, kv_caches, block_size=self.block_size, num_blocks=num_blocks, maps=shared
             )
+        except ValueError as exc:
+            dims = [block_dim(tensor.shape, num_blocks) for tensor in tensors]
+            log.warning(
+                "trio-kv: vLLM's KV cache is not in shared memory (%s); staging blocks through a shared "
+                "mirror instead (one more copy per store and retrieve, %d more bytes of memory)",
+                exc,
+                sum(tensor.numel() * tensor.element_size() for tensor in tensors),
+            )
+            self.staging = StagingMirror(tensors, dims)
+            request = self.staging.registration(self.instance_id, self.block_size)
+        self.register(request)
 
     def register(self, request: RegisterKVCache, *, events: IpcEvents | None = None) -> None:
         """Send ``request`` (blocking); ``events`` is recorded before every step's stores and retrieves."""
@@ -159,6 +190,7 @@ class WorkerLogic:
                 events.close()
             raise
         self._events = events
+        self._registration = request
         self.registered = True
 
     def start_load_kv(self, plan: StepPlan) -> None:
@@ -247,6 +279,8 @@ class WorkerLogic:
         if self._events is not None:
             self._events.close()
             self._events = None
+        if self.staging is not None:
+            self.staging.close()
         self._calls.close()
 
     # ------------------------------------------------------------ background calls
@@ -269,8 +303,11 @@ class WorkerLogic:
         key = self._key(plan.model, plan.request_id, plan.cache_salt, plan.tokens)
         request = Retrieve(self.instance_id, key, plan.block_ids, plan.skip_tokens, event)
         try:
-            result = client.call(request, RetrieveResult)
+            result = self._call(client, request, RetrieveResult)
             valid_tokens, chunks = result.hit_tokens, result.chunks_written
+            if self.staging is not None:
+                filled = plan.block_ids[plan.skip_tokens // self.block_size : valid_tokens // self.block_size]
+                self.staging.copy_in(filled)
         except Exception as exc:
             log.warning("trio-kv: retrieve for %r failed: %s", plan.request_id, exc)
             valid_tokens, chunks = 0, 0
@@ -289,7 +326,9 @@ class WorkerLogic:
     def _store(self, plan: StorePlan, event: bytes, client: BlockingClient) -> None:
         key = self._key(plan.model, plan.request_id, plan.cache_salt, plan.tokens, plan.start)
         try:
-            result = client.call(Store(self.instance_id, key, plan.block_ids, event), StoreResult)
+            if self.staging is not None:
+                self.staging.copy_out(plan.block_ids[plan.start // self.block_size :])
+            result = self._call(client, Store(self.instance_id, key, plan.block_ids, event), StoreResult)
             with self._lock:
                 self.stats.chunks_stored += result.stored
         except Exception as exc:
@@ -299,6 +338,19 @@ class WorkerLogic:
         finally:
             with self._lock:
                 self._stores[plan.request_id].pending -= 1
+
+    def _call(self, client: BlockingClient, request: Store | Retrieve, expected: type[T]) -> T:
+        """``client.call``; a server that no longer knows our KV cache (it restarted) gets the
+        registration again and the request once more."""
+        try:
+            return client.call(request, expected)
+        except TrioKVError as exc:
+            if exc.code != ErrorCode.UNKNOWN_INSTANCE or self._registration is None:
+                raise
+        with self._register_lock:
+            log.info("trio-kv: the server does not know %r (restarted?); registering again", self.instance_id)
+            client.call(self._registration, Registered)
+        return client.call(request, expected)
 
 
 def _end_session(client: BlockingClient, *, request_id: str, cache_salt: str) -> None:
