@@ -18,6 +18,8 @@ from typing import Any
 
 import msgspec
 
+from .vllm.connection import REDIAL_MAX_MS
+
 CONNECTOR = "BenchConnector"
 MODULE = "trio_kv.bench_vllm_engine"
 
@@ -169,6 +171,9 @@ def run(spec: RunSpec) -> RunResult:
                 continue
             if step.kind == "restart_server":
                 server = _start_server(spec)
+                # The connector redials at most REDIAL_MAX_MS apart: give it that, and no more,
+                # before the next request, so what follows measures a reconnected connector.
+                time.sleep(2 * REDIAL_MAX_MS / 1000)
                 progress("restarted the trio-kv server")
                 continue
             _corrupt_loads = step.corrupt_loads

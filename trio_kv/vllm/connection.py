@@ -12,6 +12,7 @@ from ..protocol import PROTOCOL_VERSION, Hello, HelloOk
 from .config import ConnectorConfig
 
 _REDIAL_INTERVAL_S = 0.25
+REDIAL_MAX_MS = 500  # the longest a connector waits to redial a server that went away
 
 
 def connect(config: ConnectorConfig, *, client_name: str) -> BlockingClient:
@@ -39,7 +40,11 @@ def connect(config: ConnectorConfig, *, client_name: str) -> BlockingClient:
 
 def _connect_once(config: ConnectorConfig, client_name: str) -> BlockingClient:
     timeout_ms = max(1, int(config.timeout_s * 1000)) if math.isfinite(config.timeout_s) else -1
-    sock = pynng.Req0(resend_time=-1, recv_max_size=0)
+    # Redial a server that went away every 50 ms at first, backing off to 0.5 s at most, so a
+    # restarted server is found again within half a second.
+    sock = pynng.Req0(
+        resend_time=-1, recv_max_size=0, reconnect_time_min=50, reconnect_time_max=REDIAL_MAX_MS
+    )
     try:
         sock.recv_timeout = timeout_ms
         sock.send_timeout = timeout_ms
