@@ -26,7 +26,7 @@ from cuda.bindings import driver
 from trio_kv.errors import ErrorCode, TrioKVError
 from trio_kv.gpu.cpu import CopyJob, MappedKVCache
 from trio_kv.gpu.cuda import CudaTransfer, MappedCudaKVCache, cuda_available
-from trio_kv.gpu.events import CudaError, call
+from trio_kv.gpu.cuda_driver import CudaError, call
 from trio_kv.gpu.layout import plan_layout
 from trio_kv.protocol import CudaAllocation, CudaRegistration, RegisterKVCache, TensorSpec
 from trio_kv.testing import running_server

@@ -116,7 +116,7 @@ CHECKS = textwrap.dedent(
     from cuda.bindings import driver
     from trio_kv.gpu.cpu import CopyJob
     from trio_kv.gpu.cuda import CudaTransfer, MappedCudaKVCache
-    from trio_kv.gpu.events import call
+    from trio_kv.gpu.cuda_driver import call
     from trio_kv.gpu.ipc import CudaKVCacheExport
     from trio_kv.protocol import decode_request, encode
 

@@ -10,7 +10,6 @@ from hypothesis import strategies as st
 
 from trio_kv.errors import ErrorCode, TrioKVError
 from trio_kv.keys import (
-    HashSessions,
     ObjectKey,
     RequestKey,
     chunk_hashes,
@@ -22,6 +21,7 @@ from trio_kv.keys import (
     validate_request_key,
     validate_salt,
 )
+from trio_kv.sessions import HashSessions
 
 CHUNK = 4
 

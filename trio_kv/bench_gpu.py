@@ -36,7 +36,8 @@ from cuda.bindings import driver
 from .bench_common import BenchFailed, bad_counts, emit, run_or_fail
 from .gpu.cpu import CopyJob, MappedKVCache
 from .gpu.cuda import CudaTransfer
-from .gpu.events import call, driver_status
+from .gpu.cuda_driver import call
+from .gpu.events import driver_status
 from .gpu.layout import plan_layout
 from .gpu.plan import ChunkCopy, plan_copies
 from .protocol import TensorSpec

@@ -21,7 +21,6 @@ from .audit import audit_l1
 from .errors import ErrorCode, TrioKVError
 from .gpu import CopyJob, CpuTransfer, MappedKVCache
 from .keys import (
-    HashSessions,
     ObjectKey,
     RequestKey,
     effective_end,
@@ -53,6 +52,7 @@ from .protocol import (
     Unregistered,
     UnregisterKVCache,
 )
+from .sessions import HashSessions
 from .tiering import Tiering
 
 FaultHook = Callable[[str], Awaitable[None]]

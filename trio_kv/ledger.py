@@ -7,20 +7,10 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import MappingProxyType
 
-import msgspec
-
 from .keys import ObjectKey
+from .protocol import AdapterUsage
 
 log = logging.getLogger(__name__)
-
-
-class AdapterUsage(msgspec.Struct, frozen=True):
-    """A snapshot of one tier's usage. ``usage_fraction`` is -1.0 when capacity is unbounded."""
-
-    total_bytes_used: int
-    total_capacity_bytes: int | None
-    bytes_by_salt: dict[str, int]
-    usage_fraction: float
 
 
 class ByteLedger:

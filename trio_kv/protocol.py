@@ -12,9 +12,17 @@ import msgspec
 
 from .errors import ErrorCode, TrioKVError
 from .keys import RequestKey
-from .ledger import AdapterUsage
 
 PROTOCOL_VERSION = 1
+
+
+class AdapterUsage(msgspec.Struct, frozen=True):
+    """A snapshot of one tier's usage. ``usage_fraction`` is -1.0 when capacity is unbounded."""
+
+    total_bytes_used: int
+    total_capacity_bytes: int | None
+    bytes_by_salt: dict[str, int]
+    usage_fraction: float
 
 
 class _Message(msgspec.Struct, array_like=True, tag_field="kind", omit_defaults=False):

@@ -43,15 +43,8 @@ from cuda.bindings import driver
 from ..errors import ErrorCode, TrioKVError
 from ..protocol import CudaRegistration, RegisterKVCache, TensorSpec
 from .cpu import CopyJob, CpuTransfer, MappedKVCache
-from .events import (
-    CudaError,
-    Device,
-    batch_attributes,
-    call,
-    driver_status,
-    handle_from_bytes,
-    run_copies,
-)
+from .cuda_driver import CudaError, call, handle_from_bytes
+from .events import Device, batch_attributes, driver_status, run_copies
 from .layout import KVLayout
 from .plan import IPC_HANDLE_BYTES, ChunkCopy, check_cuda_registration, device_layout, plan_copies
 

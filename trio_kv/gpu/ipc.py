@@ -32,7 +32,7 @@ import torch
 from cuda.bindings import driver
 
 from ..protocol import CudaAllocation, CudaRegistration, RegisterKVCache, TensorSpec
-from .events import call, handle_bytes
+from .cuda_driver import call, handle_bytes
 from .shm import dtype_name
 
 

@@ -24,7 +24,7 @@ from ..errors import ErrorCode, TrioKVError
 from ..protocol import CudaRegistration, TensorSpec
 from .layout import MAX_TENSORS, KVLayout, Segment, plan_layout
 
-IPC_HANDLE_BYTES = 64  # CU_IPC_HANDLE_SIZE
+IPC_HANDLE_BYTES = 64  # CU_IPC_HANDLE_SIZE (cuda_driver checks the same)
 DEVICE_UUID_BYTES = 16
 
 
