@@ -5,7 +5,7 @@ import os
 import random
 
 from trio_kv.client import BlockingClient
-from trio_kv.gpu.shm import create_shared_kv_cache
+from trio_kv.export.shm import create_shared_kv_cache
 from trio_kv.keys import RequestKey
 
 url = os.environ.get("TRIO_KV_URL", "ipc:///tmp/trio-kv.sock")

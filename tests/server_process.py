@@ -27,7 +27,7 @@ import xxhash
 
 from trio_kv.adapters import codec, fs_format
 from trio_kv.adapters.fs_io import TEMP_PREFIX
-from trio_kv.gpu.shm import SharedKVCache
+from trio_kv.export.shm import SharedKVCache
 from trio_kv.keys import ObjectKey, RequestKey, chunk_hashes
 from trio_kv.testing import make_kv_cache
 

@@ -424,7 +424,7 @@ async def test_without_a_token_mutating_endpoints_are_open(server):
 
 
 def test_the_token_comes_from_the_environment_too():
-    from trio_kv.config import load_config
+    from trio_kv.server.config import load_config
 
     config = load_config(environ={"TRIO_KV_ADMIN_TOKEN": TOKEN})
     assert config.admin_token == TOKEN

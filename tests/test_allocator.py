@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trio_kv.allocator import ExtentAllocator
+from trio_kv.core.allocator import ExtentAllocator
 
 ALIGN = 4096
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from trio_kv import cli
-from trio_kv.gpu.cpu import CopyJob, CpuTransfer
 from trio_kv.testing import make_kv_cache
+from trio_kv.transfer.cpu import CopyJob, CpuTransfer
 
 REQUIRED_FIGURES = (
     "store_gbps",

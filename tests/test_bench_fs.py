@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from trio_kv import bench_fs
+from trio_kv.tools import bench_fs
 
 FIGURES = (
     "write_gbps",

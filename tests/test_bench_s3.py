@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from trio_kv import bench_s3
+from trio_kv.tools import bench_s3
 
 from .s3_server import running_s3_server, use_fake_credentials
 

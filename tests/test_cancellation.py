@@ -11,13 +11,13 @@ import trio
 import trio.testing
 
 from trio_kv.client import AsyncClient
-from trio_kv.engine import CacheEngine, EngineSettings
+from trio_kv.core.engine import CacheEngine, EngineSettings
+from trio_kv.core.l1 import L1Store
 from trio_kv.errors import ErrorCode, ServerError
-from trio_kv.gpu import CpuTransfer
 from trio_kv.keys import RequestKey
-from trio_kv.l1 import L1Store
 from trio_kv.protocol import Lookup, Retrieve, Store, encode
 from trio_kv.testing import FaultInjector, InjectedFault, assert_no_leaks, make_kv_cache, running_server
+from trio_kv.transfer import CpuTransfer
 
 CHUNK = 32
 TOKENS = list(range(3 * CHUNK))

@@ -14,10 +14,10 @@ import trio
 import trio.testing
 
 from trio_kv.cli import main
-from trio_kv.cli_admin import render_status
 from trio_kv.client import AsyncClient
 from trio_kv.keys import RequestKey
 from trio_kv.testing import running_server
+from trio_kv.tools.admin_cli import render_status
 
 from .conftest import BLOCK_SIZE, CHUNK_SIZE
 

@@ -6,7 +6,7 @@ import json
 import msgspec
 import pytest
 
-from trio_kv.config import DEFAULT_LISTEN, ConfigError, ServerConfig, config_json, load_config
+from trio_kv.server.config import DEFAULT_LISTEN, ConfigError, ServerConfig, config_json, load_config
 from trio_kv.sizes import parse_size
 
 GiB = 1024**3

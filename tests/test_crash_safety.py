@@ -36,7 +36,7 @@ from trio_kv.adapters import codec, fs_format
 from trio_kv.adapters.fs import FsAdapter
 from trio_kv.adapters.fs_io import TEMP_PREFIX
 from trio_kv.client import AsyncClient
-from trio_kv.gpu.shm import SharedKVCache
+from trio_kv.export.shm import SharedKVCache
 from trio_kv.keys import ObjectKey
 
 from .server_process import (

@@ -17,13 +17,13 @@ from trio_kv.adapters import codec, fs, fs_format, fs_io, fs_scan
 from trio_kv.adapters.base import AdapterError
 from trio_kv.adapters.fs import FsAdapter
 from trio_kv.adapters.fs_scan import ScanProgress
-from trio_kv.engine import CacheEngine, EngineSettings
-from trio_kv.gpu import CpuTransfer
+from trio_kv.core.engine import CacheEngine, EngineSettings
+from trio_kv.core.l1 import L1Store
+from trio_kv.core.tiering import Tiering, TieringSettings
 from trio_kv.keys import ObjectKey, RequestKey
-from trio_kv.l1 import L1Store
 from trio_kv.protocol import Lookup, Retrieve, Store
 from trio_kv.testing import make_kv_cache
-from trio_kv.tiering import Tiering, TieringSettings
+from trio_kv.transfer import CpuTransfer
 
 SIZE = 10_000
 LONG_MODEL = "org/" + "m" * 296  # 300 characters: stored under a digest name

@@ -14,14 +14,21 @@ import pytest
 import torch
 from cuda.bindings import driver
 
-from trio_kv import bench_gpu
-from trio_kv.config import ConfigError, load_config
-from trio_kv.gpu import BACKENDS, CpuTransfer, CudaTransfer, CudaUnavailable, arena_pinner, select_backend
-from trio_kv.gpu.cuda import cuda_available, driver_status
-from trio_kv.gpu.events import batch_attributes
-from trio_kv.l1 import L1Store
-from trio_kv.server import Server
+from trio_kv.core.l1 import L1Store
+from trio_kv.server.config import ConfigError, load_config
+from trio_kv.server.process import Server
 from trio_kv.testing import running_server
+from trio_kv.tools import bench_gpu
+from trio_kv.transfer import (
+    BACKENDS,
+    CpuTransfer,
+    CudaTransfer,
+    CudaUnavailable,
+    arena_pinner,
+    select_backend,
+)
+from trio_kv.transfer.cuda import cuda_available, driver_status
+from trio_kv.transfer.events import batch_attributes
 
 no_device = pytest.mark.skipif(cuda_available(), reason="this host has a usable CUDA device")
 with_device = pytest.mark.skipif(not cuda_available(), reason="needs a CUDA device")
@@ -29,8 +36,8 @@ with_device = pytest.mark.skipif(not cuda_available(), reason="needs a CUDA devi
 
 def test_cuda_modules_import_without_touching_the_driver():
     code = (
-        "import trio_kv.gpu.cuda, trio_kv.gpu.ipc, trio_kv.gpu.events, trio_kv.bench_gpu\n"
-        "from trio_kv.gpu.events import driver_status\n"
+        "import trio_kv.transfer.cuda, trio_kv.export.ipc, trio_kv.transfer.events, trio_kv.tools.bench_gpu\n"
+        "from trio_kv.transfer.events import driver_status\n"
         "assert driver_status.cache_info().currsize == 0\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
@@ -155,7 +162,7 @@ class RecordingTransfer(CpuTransfer):
 
 
 async def test_the_engine_hands_each_request_s_ipc_event_to_the_backend():
-    from trio_kv.engine import CacheEngine, EngineSettings
+    from trio_kv.core.engine import CacheEngine, EngineSettings
     from trio_kv.keys import RequestKey
     from trio_kv.protocol import Lookup, Retrieve, Store
     from trio_kv.testing import make_kv_cache

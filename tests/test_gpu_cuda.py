@@ -5,7 +5,7 @@ handles cannot be opened by the process that exported them) and gate the
 instance's stream with ``cuStreamWaitValue32`` on a pinned host word, so "a copy
 is in flight" and "the engine has not finished writing" are set up
 deterministically, without sleeps. The IPC tests run the engine side in a
-subprocess with PyTorch CUDA tensors, exported through ``trio_kv.gpu.ipc``.
+subprocess with PyTorch CUDA tensors, exported through ``trio_kv.export.ipc``.
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ import trio.testing
 from cuda.bindings import driver
 
 from trio_kv.errors import ErrorCode, TrioKVError
-from trio_kv.gpu.cpu import CopyJob, MappedKVCache
-from trio_kv.gpu.cuda import CudaTransfer, MappedCudaKVCache, cuda_available
-from trio_kv.gpu.cuda_driver import CudaError, call
-from trio_kv.gpu.layout import plan_layout
+from trio_kv.export.cuda_driver import CudaError, call
 from trio_kv.protocol import CudaAllocation, CudaRegistration, RegisterKVCache, TensorSpec
 from trio_kv.testing import running_server
+from trio_kv.transfer.cpu import CopyJob, MappedKVCache
+from trio_kv.transfer.cuda import CudaTransfer, MappedCudaKVCache, cuda_available
+from trio_kv.transfer.layout import plan_layout
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not cuda_available(), reason="needs a CUDA device")]
 
@@ -270,7 +270,7 @@ ENGINE = textwrap.dedent(
     """
     import sys, torch
     from trio_kv.client import BlockingClient
-    from trio_kv.gpu.ipc import CudaKVCacheExport
+    from trio_kv.export.ipc import CudaKVCacheExport
     from trio_kv.keys import RequestKey
     from trio_kv.protocol import Retrieve, RetrieveResult, Store, StoreResult
 

@@ -8,9 +8,12 @@ import pytest
 import torch
 
 from trio_kv.errors import ErrorCode, TrioKVError
-from trio_kv.gpu.cpu import CopyJob, CpuTransfer
-from trio_kv.gpu.layout import KVLayout
-from trio_kv.gpu.plan import (
+from trio_kv.export.shm import SharedKVCache
+from trio_kv.protocol import CudaAllocation, CudaRegistration, TensorSpec
+from trio_kv.testing import make_kv_cache
+from trio_kv.transfer.cpu import CopyJob, CpuTransfer
+from trio_kv.transfer.layout import KVLayout
+from trio_kv.transfer.plan import (
     IPC_HANDLE_BYTES,
     ChunkCopy,
     CopyPlan,
@@ -18,9 +21,6 @@ from trio_kv.gpu.plan import (
     device_layout,
     plan_copies,
 )
-from trio_kv.gpu.shm import SharedKVCache
-from trio_kv.protocol import CudaAllocation, CudaRegistration, TensorSpec
-from trio_kv.testing import make_kv_cache
 
 NB, BS, LAYERS, HEADS, HEAD = 24, 4, 3, 2, 8
 BLOCKS_PER_CHUNK = 4

@@ -114,10 +114,10 @@ CHECKS = textwrap.dedent(
     import ctypes, threading, time
     import torch, trio
     from cuda.bindings import driver
-    from trio_kv.gpu.cpu import CopyJob
-    from trio_kv.gpu.cuda import CudaTransfer, MappedCudaKVCache
-    from trio_kv.gpu.cuda_driver import call
-    from trio_kv.gpu.ipc import CudaKVCacheExport
+    from trio_kv.transfer.cpu import CopyJob
+    from trio_kv.transfer.cuda import CudaTransfer, MappedCudaKVCache
+    from trio_kv.export.cuda_driver import call
+    from trio_kv.export.ipc import CudaKVCacheExport
     from trio_kv.protocol import decode_request, encode
 
     stub = ctypes.CDLL("libcuda.so.1")
@@ -228,7 +228,7 @@ def stub_env(tmp_path_factory) -> dict[str, str]:
         timeout=120,
     )
     env = {**os.environ, "LD_LIBRARY_PATH": f"{where}{os.pathsep}{os.environ.get('LD_LIBRARY_PATH', '')}"}
-    probe = "from trio_kv.gpu.events import driver_status; print(driver_status())"
+    probe = "from trio_kv.transfer.events import driver_status; print(driver_status())"
     status = subprocess.run(
         [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60
     )
@@ -261,7 +261,7 @@ def test_device_tests_pass_against_the_stub(stub_env):
 def test_bench_gpu_runs_and_verifies_against_the_stub(stub_env):
     code = (
         "import argparse, sys\n"
-        "from trio_kv import bench_gpu\n"
+        "from trio_kv.tools import bench_gpu\n"
         "parser = argparse.ArgumentParser()\n"
         "bench_gpu.add_parser(parser.add_subparsers(dest='bench'))\n"
         "args = parser.parse_args(['gpu', '--json', '--chunks', '1', '--layers', '2', '--rounds', '1'])\n"

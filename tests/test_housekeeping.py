@@ -2,12 +2,12 @@
 
 import trio
 
-from trio_kv.engine import CacheEngine, EngineSettings
-from trio_kv.gpu import CpuTransfer
+from trio_kv.core.engine import CacheEngine, EngineSettings
+from trio_kv.core.l1 import L1Store
 from trio_kv.keys import RequestKey
-from trio_kv.l1 import L1Store
 from trio_kv.protocol import Lookup, Store
 from trio_kv.testing import make_kv_cache
+from trio_kv.transfer import CpuTransfer
 
 CHUNK = 32
 TOKENS = list(range(2 * CHUNK))

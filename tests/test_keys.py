@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from trio_kv.core.sessions import HashSessions
 from trio_kv.errors import ErrorCode, TrioKVError
 from trio_kv.keys import (
     ObjectKey,
@@ -21,7 +22,6 @@ from trio_kv.keys import (
     validate_request_key,
     validate_salt,
 )
-from trio_kv.sessions import HashSessions
 
 CHUNK = 4
 

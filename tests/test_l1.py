@@ -4,8 +4,8 @@ import pytest
 import trio
 import trio.testing
 
+from trio_kv.core.l1 import EntryState, L1Store, Refusal
 from trio_kv.keys import ObjectKey
-from trio_kv.l1 import EntryState, L1Store, Refusal
 
 CHUNK = 4096
 

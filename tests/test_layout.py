@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from trio_kv.errors import ErrorCode, TrioKVError
-from trio_kv.gpu.layout import DTYPE_BYTES, KVLayout, plan_layout
 from trio_kv.protocol import TensorSpec
+from trio_kv.transfer.layout import DTYPE_BYTES, KVLayout, plan_layout
 
 NB, BS, H, D, LAYERS = 6, 4, 2, 8, 3  # blocks, tokens per block, kv heads, head size, layers
 BIG = 1 << 30

@@ -1,8 +1,8 @@
 """Leases pin L1 entries for a request until released, replaced, or expired."""
 
+from trio_kv.core.l1 import L1Store
+from trio_kv.core.leases import LeaseTable
 from trio_kv.keys import ObjectKey
-from trio_kv.l1 import L1Store
-from trio_kv.leases import LeaseTable
 
 CHUNK = 4096
 OWNER = ("salt", "req-1")

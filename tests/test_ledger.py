@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from trio_kv.core.ledger import AdapterUsage, ByteLedger, KeyedLedger
 from trio_kv.keys import ObjectKey
-from trio_kv.ledger import AdapterUsage, ByteLedger, KeyedLedger
 
 
 def test_new_ledger_is_empty():
@@ -92,7 +92,7 @@ def test_release_beyond_the_bucket_clamps_at_zero_and_warns(caplog):
     ledger = ByteLedger(1000)
     ledger.charge("a", 30)
     ledger.charge("b", 70)
-    with caplog.at_level(logging.WARNING, logger="trio_kv.ledger"):
+    with caplog.at_level(logging.WARNING, logger="trio_kv.core.ledger"):
         ledger.release("a", 50)
     assert ledger.salt_bytes("a") == 0
     assert "a" not in ledger.bytes_by_salt
@@ -103,7 +103,7 @@ def test_release_beyond_the_bucket_clamps_at_zero_and_warns(caplog):
 def test_release_of_an_unknown_salt_changes_nothing_and_warns(caplog):
     ledger = ByteLedger(1000)
     ledger.charge("a", 30)
-    with caplog.at_level(logging.WARNING, logger="trio_kv.ledger"):
+    with caplog.at_level(logging.WARNING, logger="trio_kv.core.ledger"):
         ledger.release("ghost", 10)
     assert ledger.total == 30
     assert dict(ledger.bytes_by_salt) == {"a": 30}
@@ -113,7 +113,7 @@ def test_release_of_an_unknown_salt_changes_nothing_and_warns(caplog):
 def test_exact_release_does_not_warn(caplog):
     ledger = ByteLedger(1000)
     ledger.charge("a", 30)
-    with caplog.at_level(logging.WARNING, logger="trio_kv.ledger"):
+    with caplog.at_level(logging.WARNING, logger="trio_kv.core.ledger"):
         ledger.release("a", 30)
     assert caplog.records == []
     assert ledger.total == 0

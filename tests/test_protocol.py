@@ -4,9 +4,9 @@ bytes become typed errors (never exceptions of another kind)."""
 import msgspec
 import pytest
 
+from trio_kv.core.ledger import AdapterUsage
 from trio_kv.errors import ErrorCode, TrioKVError
 from trio_kv.keys import RequestKey
-from trio_kv.ledger import AdapterUsage
 from trio_kv.protocol import (
     PROTOCOL_VERSION,
     REQUEST_KINDS,

@@ -6,7 +6,7 @@ import math
 import pytest
 import trio
 
-from trio_kv.quotas import (
+from trio_kv.core.quotas import (
     DEFAULT_NAME,
     EMPTY_SALT_NAME,
     QuotaBook,

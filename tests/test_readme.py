@@ -8,7 +8,7 @@ import re
 import msgspec
 
 from trio_kv.cli import build_parser
-from trio_kv.config import ServerConfig
+from trio_kv.server.config import ServerConfig
 
 README = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
 

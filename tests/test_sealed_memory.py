@@ -13,7 +13,7 @@ import trio
 
 from trio_kv.client import AsyncClient
 from trio_kv.errors import ErrorCode, ServerError
-from trio_kv.gpu.memfd import create_sealed_region, sealed_path_owner
+from trio_kv.export.memfd import create_sealed_region, sealed_path_owner
 from trio_kv.keys import RequestKey
 from trio_kv.testing import assert_no_leaks, make_kv_cache
 

@@ -1,6 +1,6 @@
 """The soak's CI form: three quarters of a minute of chaos, then nothing may be left over."""
 
-from trio_kv.soak import run_soak
+from trio_kv.tools.soak import run_soak
 
 
 async def test_soak_leaks_nothing_and_loses_no_byte():

@@ -13,13 +13,13 @@ import trio
 import trio.testing
 
 from trio_kv.adapters import MockAdapter
-from trio_kv.engine import CacheEngine, EngineSettings
-from trio_kv.gpu import CpuTransfer
+from trio_kv.core.engine import CacheEngine, EngineSettings
+from trio_kv.core.l1 import L1Store
+from trio_kv.core.tiering import Tiering, TieringSettings
 from trio_kv.keys import ObjectKey, RequestKey, chunk_hashes
-from trio_kv.l1 import L1Store
 from trio_kv.protocol import Clear, Lookup, Retrieve, Store
 from trio_kv.testing import FaultInjector, InjectedFault, make_kv_cache
-from trio_kv.tiering import Tiering, TieringSettings
+from trio_kv.transfer import CpuTransfer
 
 CHUNK = 32
 BLOCK = 16

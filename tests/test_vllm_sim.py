@@ -1,4 +1,4 @@
-"""The vLLM connector's logic driven in vLLM's call order (``trio_kv.vllm.simulator``) against a
+"""The vLLM connector's logic driven in vLLM's call order (``trio_kv.vllm.sim.simulator``) against a
 real in-process server, on the CPU path.
 
 The simulated model's KV for a position is a function of the tokens up to it
@@ -21,9 +21,9 @@ from trio_kv.testing import FaultInjector, InjectedFault, assert_no_leaks, runni
 from trio_kv.vllm.config import ConnectorConfig
 from trio_kv.vllm.metadata import StepPlan
 from trio_kv.vllm.scheduler import SchedulerLogic
-from trio_kv.vllm.sim_model import extend_prefix_hashes
-from trio_kv.vllm.simulator import SimEngine, SimRequest, Status
-from trio_kv.vllm.testing import simulated_engine
+from trio_kv.vllm.sim.harness import simulated_engine
+from trio_kv.vllm.sim.model import extend_prefix_hashes
+from trio_kv.vllm.sim.simulator import SimEngine, SimRequest, Status
 from trio_kv.vllm.worker import WorkerLogic
 
 from .vllm_fakes import FakeRequest

@@ -252,7 +252,7 @@ def test_cuda_kv_caches_are_registered_by_cuda_ipc_with_their_event(monkeypatch)
 
 
 def test_cuda_export_hands_every_distinct_tensor_and_its_block_dimension_to_the_ipc_layer(monkeypatch):
-    ipc = pytest.importorskip("trio_kv.gpu.ipc")
+    ipc = pytest.importorskip("trio_kv.export.ipc")
     from trio_kv.vllm.registration import cuda_kv_cache_export
 
     seen = SimpleNamespace()

@@ -12,9 +12,10 @@ from typing import Any
 
 import trio
 
-from . import __version__, cli_admin
-from .config import DEFAULT_LISTEN, ConfigError, ServerConfig, config_json, load_config
+from . import __version__
 from .errors import single_cause
+from .server.config import DEFAULT_LISTEN, ConfigError, ServerConfig, config_json, load_config
+from .tools import admin_cli
 
 log = logging.getLogger("trio_kv")
 
@@ -120,7 +121,7 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
 
 def _bench_modules() -> dict[str, Any]:
     """``trio-kv bench`` subcommands beyond cpu, each a module with add_parser() and main()."""
-    from . import bench_fs, bench_gpu, bench_s3, bench_soak, bench_vllm
+    from .tools import bench_fs, bench_gpu, bench_s3, bench_soak, bench_vllm
 
     return {"fs": bench_fs, "s3": bench_s3, "gpu": bench_gpu, "soak": bench_soak, "vllm": bench_vllm}
 
@@ -134,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     _serve_parser(sub)
     _ping_parser(sub)
     _bench_parser(sub)
-    cli_admin.add_parsers(sub)
+    admin_cli.add_parsers(sub)
     return parser
 
 
@@ -145,7 +146,7 @@ def _configure_logging(level: str) -> None:
 
 
 async def _serve_until_signal(config: ServerConfig, config_path: str | None) -> None:
-    from .server import Server
+    from .server.process import Server
 
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
@@ -225,14 +226,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     module = _bench_modules().get(args.bench)
     if module is not None:
         return int(module.main(args))
-    from . import bench
+    from .tools import bench_cpu
 
-    return bench.main(args)
+    return bench_cpu.main(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"serve": cmd_serve, "ping": cmd_ping, "bench": cmd_bench, **cli_admin.COMMANDS}
+    commands = {"serve": cmd_serve, "ping": cmd_ping, "bench": cmd_bench, **admin_cli.COMMANDS}
     return commands[args.command](args)
 
 

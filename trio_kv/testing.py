@@ -20,10 +20,10 @@ from typing import Any
 
 import trio
 
-from .config import load_config
-from .engine import FaultHook
-from .gpu.shm import SharedKVCache, create_shared_kv_cache
-from .server import Server
+from .core.engine import FaultHook
+from .export.shm import SharedKVCache, create_shared_kv_cache
+from .server.config import load_config
+from .server.process import Server
 
 __all__ = [
     "AdminResponse",

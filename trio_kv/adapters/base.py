@@ -21,9 +21,9 @@ from collections.abc import AsyncIterator, Callable, Sequence
 import msgspec
 import trio
 
-from ..eviction import choose_victim_salt
+from ..core.eviction import choose_victim_salt
+from ..core.ledger import AdapterUsage, KeyedLedger
 from ..keys import ObjectKey
-from ..ledger import AdapterUsage, KeyedLedger
 
 log = logging.getLogger(__name__)
 

@@ -1,12 +1,12 @@
 """Describe a vLLM worker's KV tensors as a ``RegisterKVCache`` message.
 
-CUDA tensors are exported with CUDA IPC (``trio_kv.gpu.ipc``): the server maps
+CUDA tensors are exported with CUDA IPC (``trio_kv.export.ipc``): the server maps
 the engine's device allocations and waits on an interprocess event the engine
 records before each store and retrieve.
 
 On the CPU path the server copies blocks straight out of the engine's memory,
 so the KV tensors must live in one shared-memory file (``MAP_SHARED``, e.g.
-made with ``trio_kv.gpu.shm.create_shared_tensors`` or ``torch.from_file(...,
+made with ``trio_kv.export.shm.create_shared_tensors`` or ``torch.from_file(...,
 shared=True)``). Which file, and where in it, is read from ``/proc/self/maps``:
 the tensors need no wrapper type, only the right memory.
 """
@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
-from ..gpu.shm import dtype_name
+from ..export.shm import dtype_name
 from ..protocol import RegisterKVCache, TensorSpec
 
 if TYPE_CHECKING:
-    from ..gpu.ipc import CudaKVCacheExport
+    from ..export.ipc import CudaKVCacheExport
 
 
 class FileMapping(NamedTuple):
@@ -131,7 +131,7 @@ def cuda_kv_cache_export(
     Imports cuda-python's driver bindings; raises ValueError for a layout trio-kv
     does not know and for tensors whose block dimensions differ.
     """
-    from ..gpu.ipc import CudaKVCacheExport
+    from ..export.ipc import CudaKVCacheExport
 
     tensors = distinct_tensors(kv_caches.values())
     if not tensors:
@@ -171,5 +171,5 @@ def _mapping_of(tensor: torch.Tensor, maps: Sequence[FileMapping], name: str) ->
     raise ValueError(
         f"KV tensor {name!r} is not in a shared-memory file: on the CPU path trio-kv copies blocks "
         "straight out of the engine's memory, so the engine must allocate its KV cache in a file "
-        "under the server's shm_dir (/dev/shm), e.g. with trio_kv.gpu.shm.create_shared_tensors"
+        "under the server's shm_dir (/dev/shm), e.g. with trio_kv.export.shm.create_shared_tensors"
     )

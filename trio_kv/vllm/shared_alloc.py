@@ -5,7 +5,7 @@ vLLM's CPU worker allocates its whole KV cache as one flat
 worker enters the connector's ``get_mem_pool_context()`` around that
 allocation; ``SharedKVAllocation`` is that context: a torch function mode that
 turns each flat int8/uint8 CPU ``torch.zeros`` inside it into a zeroed sealed
-memfd (``trio_kv.gpu.memfd``), which the server maps by path and which cannot
+memfd (``trio_kv.export.memfd``), which the server maps by path and which cannot
 shrink under it. Anything else is allocated as usual; if vLLM's allocation
 ever looks different, the tensors are not in a region and the worker falls
 back to staging (``staging.StagingMirror``).
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from ..gpu.memfd import SealedRegion, create_sealed_region
+from ..export.memfd import SealedRegion, create_sealed_region
 from .registration import FileMapping
 
 log = logging.getLogger("trio_kv.vllm")

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ..gpu.memfd import SealedRegion, create_sealed_region
-from ..gpu.shm import dtype_name
+from ..export.memfd import SealedRegion, create_sealed_region
+from ..export.shm import dtype_name
 from ..protocol import RegisterKVCache, TensorSpec
 
 _ALIGN = 4096

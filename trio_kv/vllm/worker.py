@@ -50,7 +50,7 @@ from .staging import StagingMirror
 
 
 class IpcEvents(Protocol):
-    """The engine's interprocess event (``trio_kv.gpu.ipc.CudaKVCacheExport`` on the CUDA path)."""
+    """The engine's interprocess event (``trio_kv.export.ipc.CudaKVCacheExport`` on the CUDA path)."""
 
     def record_event(self) -> bytes:
         """Record the event on the current stream; its handle, for ``Store``/``Retrieve.ipc_event``."""

@@ -1,0 +1,429 @@
+"""The cache engine: store, lookup and retrieve flows over L1, leases and the transfer layer.
+
+Plain objects touched only from the Trio thread. The only awaits are the byte
+copies (in worker threads) and the fault points tests use; every resource a
+flow takes is given back in a ``finally``, so a flow that fails, times out or
+is cancelled at any await leaves every count exactly where it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, Sequence
+
+import msgspec
+import trio
+
+from .. import __version__
+from ..errors import ErrorCode, TrioKVError
+from ..keys import (
+    ObjectKey,
+    RequestKey,
+    effective_end,
+    object_keys,
+    token_count,
+    validate_request_key,
+)
+from ..protocol import (
+    Clear,
+    Cleared,
+    EndSession,
+    InstanceInfo,
+    Limits,
+    Lookup,
+    LookupResult,
+    Registered,
+    RegisterKVCache,
+    Released,
+    ReleaseLookup,
+    Retrieve,
+    RetrieveResult,
+    SessionEnded,
+    StatusResult,
+    Store,
+    StoreResult,
+    Unregistered,
+    UnregisterKVCache,
+)
+from ..transfer import CopyJob, CpuTransfer, MappedKVCache
+from .audit import audit_l1
+from .l1 import Entry, L1Store, Refusal
+from .leases import LeaseTable
+from .owners import OwnerWatch
+from .sessions import HashSessions
+from .tiering import Tiering
+
+FaultHook = Callable[[str], Awaitable[None]]
+MAX_INSTANCE_ID_CHARS = 256
+log = logging.getLogger(__name__)
+
+
+class EngineSettings(msgspec.Struct, frozen=True):
+    chunk_size: int = 256
+    lease_ttl_s: float = 60.0
+    session_ttl_s: float = 600.0
+    max_sessions: int = 65536
+    limits: Limits = Limits(
+        max_message_bytes=16 * 1024 * 1024,
+        max_tokens_per_key=1 << 20,
+        max_block_ids=1 << 20,
+        max_world_size=1024,
+    )
+
+
+class CacheEngine:
+    def __init__(
+        self,
+        settings: EngineSettings,
+        l1: L1Store,
+        transfer: CpuTransfer,
+        *,
+        tiering: Tiering | None = None,
+        faults: FaultHook | None = None,
+    ) -> None:
+        self.settings = settings
+        self.chunk_size = settings.chunk_size
+        self.l1 = l1
+        self.transfer = transfer
+        self.tiering = tiering
+        self.faults = faults
+        self.sessions = HashSessions(
+            settings.chunk_size, settings.session_ttl_s, settings.max_sessions, trio.current_time
+        )
+        self.leases = LeaseTable(l1)
+        self.instances: dict[str, MappedKVCache] = {}
+        # Registrations of sealed memfds are dropped when the process that owns the memory exits.
+        self.owners = OwnerWatch(self._owner_exited)
+        self.started_at = time.monotonic()
+        self.requests_in_flight = 0
+        self._housekeeping_wakeup = trio.Event()
+        self._scheduled_expiry = math.inf
+
+    # ------------------------------------------------------------ registry
+
+    def register(self, request: RegisterKVCache) -> Registered:
+        """Map an engine's KV cache. Registering a known instance id replaces it."""
+        if not request.instance_id or len(request.instance_id) > MAX_INSTANCE_ID_CHARS:
+            raise TrioKVError(
+                ErrorCode.INVALID_ARGUMENT, f"instance_id must be 1..{MAX_INSTANCE_ID_CHARS} characters"
+            )
+        if request.block_size < 1 or self.chunk_size % request.block_size:
+            raise TrioKVError(
+                ErrorCode.BAD_REGISTRATION,
+                f"block_size {request.block_size} must divide the chunk size {self.chunk_size}",
+            )
+        cache = self.transfer.open(request)
+        replaced = self.instances.get(request.instance_id)
+        if replaced is not None:
+            self.owners.forget(replaced)
+        self.instances[request.instance_id] = cache
+        if cache.owner_pidfd is not None:
+            self.owners.watch(cache, cache.owner_pidfd)
+        return Registered(request.instance_id, cache.layout.num_blocks, cache.layout.block_bytes)
+
+    def unregister(self, request: UnregisterKVCache) -> Unregistered:
+        # Copies in flight keep their own reference to the mapping, so this is safe at any time.
+        cache = self.instances.pop(request.instance_id, None)
+        if cache is not None:
+            self.owners.forget(cache)
+        return Unregistered(existed=cache is not None)
+
+    def _owner_exited(self, cache: object) -> None:
+        for instance_id, registered in list(self.instances.items()):
+            if registered is cache:
+                del self.instances[instance_id]
+                log.info("KV cache %r unregistered: the process that owns its memory exited", instance_id)
+
+    def _instance(self, instance_id: str) -> MappedKVCache:
+        cache = self.instances.get(instance_id)
+        if cache is None:
+            raise TrioKVError(ErrorCode.UNKNOWN_INSTANCE, f"no KV cache registered as {instance_id!r}")
+        return cache
+
+    # ------------------------------------------------------------ checks
+
+    def _check_key(self, key: RequestKey, *, needs_rank: bool) -> None:
+        limits = self.settings.limits
+        if token_count(key) > limits.max_tokens_per_key:
+            raise TrioKVError(
+                ErrorCode.LIMIT_EXCEEDED,
+                f"{token_count(key)} tokens exceed the limit of {limits.max_tokens_per_key} per key",
+            )
+        if key.world_size > limits.max_world_size:
+            raise TrioKVError(
+                ErrorCode.LIMIT_EXCEEDED, f"world_size {key.world_size} exceeds {limits.max_world_size}"
+            )
+        validate_request_key(key, needs_rank=needs_rank)
+        ranks = key.world_size if key.rank is None else 1
+        n_keys = effective_end(key) // self.chunk_size * ranks
+        if n_keys > limits.max_keys_per_request:
+            raise TrioKVError(
+                ErrorCode.LIMIT_EXCEEDED,
+                f"the request names {n_keys} chunk keys (chunks x ranks); the limit is {limits.max_keys_per_request}",
+            )
+
+    def _check_blocks(self, block_ids: Sequence[int], cache: MappedKVCache) -> None:
+        if len(block_ids) > self.settings.limits.max_block_ids:
+            raise TrioKVError(
+                ErrorCode.LIMIT_EXCEEDED,
+                f"{len(block_ids)} block ids exceed the limit of {self.settings.limits.max_block_ids}",
+            )
+        if block_ids and (min(block_ids) < 0 or max(block_ids) >= cache.layout.num_blocks):
+            bad = next(b for b in block_ids if not 0 <= b < cache.layout.num_blocks)
+            raise TrioKVError(
+                ErrorCode.BLOCK_OUT_OF_RANGE,
+                f"block id {bad} outside 0..{cache.layout.num_blocks - 1} of this registration",
+            )
+
+    async def _copy(
+        self,
+        copy: Callable[..., Awaitable[None]],
+        cache: MappedKVCache,
+        jobs: Sequence[CopyJob],
+        ipc_event: bytes,
+    ) -> None:
+        try:
+            await copy(cache, jobs, ipc_event=ipc_event)
+        except TrioKVError:
+            raise
+        except Exception as exc:
+            raise TrioKVError(ErrorCode.TRANSFER_FAILED, f"copy failed: {type(exc).__name__}: {exc}") from exc
+
+    async def _fault_point(self, name: str) -> None:
+        if self.faults is not None:
+            await self.faults(name)
+
+    # ------------------------------------------------------------ flows
+
+    async def store(self, request: Store) -> StoreResult:
+        """Copy the full chunks of ``request.key`` that L1 lacks from the engine's blocks."""
+        key = request.key
+        self._check_key(key, needs_rank=True)
+        cache = self._instance(request.instance_id)
+        self._check_blocks(request.block_ids, cache)
+        blocks_per_chunk = self.chunk_size // cache.layout.block_size
+        n_chunks = min(effective_end(key), len(request.block_ids) * cache.layout.block_size)
+        n_chunks //= self.chunk_size
+        first = -(-key.start // self.chunk_size)
+        hashes = self.sessions.hashes(key, n_chunks * self.chunk_size)
+        assert key.rank is not None
+        chunk_bytes = cache.layout.chunk_bytes(blocks_per_chunk)
+
+        reserved: list[tuple[int, Entry]] = []
+        present = no_room = over_quota = 0
+        committed = False
+        try:
+            for index, okey in enumerate(object_keys(key, hashes[first:], key.rank), start=first):
+                existing = self.l1.get(okey)
+                if existing is not None:
+                    present += 1
+                    self.l1.touch(existing)
+                    continue
+                entry = self.l1.reserve(okey, chunk_bytes)
+                if isinstance(entry, Refusal):
+                    # Later chunks are useless without this one: a lookup counts leading hits only.
+                    if entry is Refusal.QUOTA:
+                        over_quota = n_chunks - index
+                    else:
+                        no_room = n_chunks - index
+                    break
+                reserved.append((index, entry))
+            await self._fault_point("store.before_copy")
+            if reserved:
+                jobs = [
+                    CopyJob(
+                        request.block_ids[i * blocks_per_chunk : (i + 1) * blocks_per_chunk],
+                        self.l1.view(entry),
+                    )
+                    for i, entry in reserved
+                ]
+                await self._copy(self.transfer.store, cache, jobs, request.ipc_event)
+            await self._fault_point("store.after_copy")
+            for _, entry in reserved:
+                self.l1.commit(entry)
+            committed = True
+            if self.tiering is not None:
+                self.tiering.write_behind([entry for _, entry in reserved])
+        finally:
+            if not committed:
+                for _, entry in reserved:
+                    self.l1.abort(entry)
+        return StoreResult(
+            stored=len(reserved), skipped_present=present, skipped_no_room=no_room, skipped_quota=over_quota
+        )
+
+    async def lookup(self, request: Lookup) -> LookupResult:
+        """Count the leading chunks held for every rank (or the key's rank), loading what L2
+        holds past the L1 hits, and lease them to the request."""
+        key = request.key
+        self._check_key(key, needs_rank=False)
+        n_chunks = effective_end(key) // self.chunk_size
+        hashes = self.sessions.hashes(key, n_chunks * self.chunk_size)
+        await self._fault_point("lookup.before_scan")
+        ranks = range(key.world_size) if key.rank is None else (key.rank,)
+        chunk_keys = [
+            [ObjectKey(key.model, key.world_size, r, h, key.cache_salt) for r in ranks] for h in hashes
+        ]
+        hits: list[tuple[int, Entry]] = []
+        l1_chunks = 0
+        for index, keys in enumerate(chunk_keys):
+            entries = [self.l1.get_ready(k) for k in keys]
+            if any(e is None for e in entries):
+                break
+            for entry in entries:
+                assert entry is not None
+                self.l1.touch(entry)
+                hits.append((index, entry))
+            l1_chunks += 1
+        l2_chunks = 0
+        if self.tiering is not None and l1_chunks < len(chunk_keys):
+            # Pin the L1 hits first: the loads' reservations must not evict them.
+            for _, entry in hits:
+                self.l1.pin_reader(entry)
+            prefetched = None
+            try:
+                await self._fault_point("lookup.before_prefetch")
+                prefetched = await self.tiering.prefetch(chunk_keys[l1_chunks:])
+                for offset, chunk_entries in enumerate(prefetched.chunks):
+                    hits.extend((l1_chunks + offset, entry) for entry in chunk_entries)
+                l2_chunks = len(prefetched.chunks)
+                self._lease(key, hits)
+            finally:
+                for _, entry in hits[: l1_chunks * len(ranks)]:
+                    self.l1.unpin_reader(entry)
+                if prefetched is not None:
+                    prefetched.release()
+        else:
+            self._lease(key, hits)
+        return LookupResult(
+            hit_tokens=(l1_chunks + l2_chunks) * self.chunk_size, l1_chunks=l1_chunks, l2_chunks=l2_chunks
+        )
+
+    def _lease(self, key: RequestKey, hits: list[tuple[int, Entry]]) -> None:
+        if not key.request_id:
+            return
+        deadline = trio.current_time() + self.settings.lease_ttl_s
+        self.leases.grant((key.cache_salt, key.request_id), hits, deadline)
+        if deadline < self._scheduled_expiry:
+            self._housekeeping_wakeup.set()
+
+    async def retrieve(self, request: Retrieve) -> RetrieveResult:
+        """Copy the leading cached chunks into the engine's blocks, then end this rank's leases."""
+        key = request.key
+        self._check_key(key, needs_rank=True)
+        cache = self._instance(request.instance_id)
+        self._check_blocks(request.block_ids, cache)
+        block_size = cache.layout.block_size
+        skip = max(key.start, request.skip_first_n_tokens)
+        if skip % block_size:
+            raise TrioKVError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"tokens to skip ({skip}) must be a multiple of the block size {block_size}",
+            )
+        skip_blocks = skip // block_size
+        blocks_per_chunk = self.chunk_size // block_size
+        n_chunks = min(effective_end(key), len(request.block_ids) * block_size) // self.chunk_size
+        hashes = self.sessions.hashes(key, n_chunks * self.chunk_size)
+        assert key.rank is not None
+        keys = object_keys(key, hashes, key.rank)
+        chunk_bytes = cache.layout.chunk_bytes(blocks_per_chunk)
+
+        jobs: list[CopyJob] = []
+        readers: list[Entry] = []
+        hit_chunks = 0
+        try:
+            for index, okey in enumerate(keys):
+                first_block = index * blocks_per_chunk
+                if skip_blocks >= first_block + blocks_per_chunk:
+                    hit_chunks += 1  # the engine holds this chunk already
+                    continue
+                entry = self.l1.get_ready(okey)
+                if entry is None or entry.nbytes != chunk_bytes:
+                    break
+                self.l1.pin_reader(entry)
+                readers.append(entry)
+                jobs.append(
+                    CopyJob(
+                        request.block_ids[first_block : first_block + blocks_per_chunk],
+                        self.l1.view(entry),
+                        first_block=max(0, skip_blocks - first_block),
+                    )
+                )
+                hit_chunks += 1
+            await self._fault_point("retrieve.before_copy")
+            if jobs:
+                await self._copy(self.transfer.retrieve, cache, jobs, request.ipc_event)
+            await self._fault_point("retrieve.after_copy")
+        finally:
+            for entry in readers:
+                self.l1.unpin_reader(entry)
+        if key.request_id:
+            self.leases.release_keys((key.cache_salt, key.request_id), keys)
+        return RetrieveResult(hit_tokens=hit_chunks * self.chunk_size, chunks_written=len(jobs))
+
+    def release(self, request: ReleaseLookup) -> Released:
+        end_chunk = None if request.end is None else request.end // self.chunk_size
+        start_chunk = -(-request.start // self.chunk_size)
+        released = self.leases.release_chunks(
+            (request.cache_salt, request.request_id), start_chunk, end_chunk
+        )
+        return Released(leases_released=released)
+
+    def end_session(self, request: EndSession) -> SessionEnded:
+        had = self.sessions.end(request.cache_salt, request.request_id)
+        released = self.leases.release_all((request.cache_salt, request.request_id))
+        return SessionEnded(leases_released=released, had_session=had)
+
+    async def clear(self, request: Clear) -> Cleared:
+        if request.cache_salt is None:
+            self.leases.clear()
+            self.sessions.clear()
+        else:
+            self.leases.release_salt(request.cache_salt)
+        removed, freed = self.l1.clear(request.cache_salt)
+        deleted = 0
+        if request.include_l2 and self.tiering is not None:
+            for adapter in self.tiering.adapters:
+                salt = request.cache_salt
+                keys = (
+                    list(adapter.ledger.least_recent()) if salt is None else adapter.ledger.keys_of_salt(salt)
+                )
+                deleted += await adapter.delete(keys)
+        return Cleared(entries_removed=removed, bytes_freed=freed, l2_objects_deleted=deleted)
+
+    def status(self) -> StatusResult:
+        return StatusResult(
+            server_version=__version__,
+            uptime_s=time.monotonic() - self.started_at,
+            chunk_size=self.chunk_size,
+            l1=self.l1.ledger.usage(),
+            l1_entries=len(self.l1),
+            leases=len(self.leases),
+            sessions=len(self.sessions),
+            instances=[
+                InstanceInfo(name, c.layout.num_blocks, c.layout.block_size, c.layout.block_bytes)
+                for name, c in sorted(self.instances.items())
+            ],
+            requests_in_flight=self.requests_in_flight,
+            l2=[] if self.tiering is None else self.tiering.status(),
+        )
+
+    # ------------------------------------------------------------ background
+
+    async def run_housekeeping(self) -> None:
+        """Expire leases at their deadlines. Sleeps until the next one; no polling."""
+        while True:
+            next_deadline = self.leases.next_deadline()
+            self._scheduled_expiry = math.inf if next_deadline is None else next_deadline
+            with trio.move_on_at(self._scheduled_expiry):
+                await self._housekeeping_wakeup.wait()
+            self._housekeeping_wakeup = trio.Event()
+            self.leases.expire(trio.current_time())
+
+    # ------------------------------------------------------------ audit
+
+    def audit(self) -> list[str]:
+        """Recount everything from the entries themselves; return each mismatch found."""
+        return audit_l1(self.l1, self.leases)

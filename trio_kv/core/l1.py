@@ -1,0 +1,314 @@
+"""L1: chunks in one CPU-memory arena, with states, pins, LRU eviction and per-salt accounting.
+
+Touched only from the Trio thread, so it takes no locks. Bytes are copied in
+and out by the transfer layer through the views this module hands out.
+
+Entry life: ``reserve`` (state WRITING, bytes charged) -> ``commit`` (READY,
+evictable when unpinned) or ``abort`` (freed). Readers and leases pin an entry;
+only READY entries without pins are evicted. ``clear`` frees what it can at
+once and marks pinned or half-written entries *doomed*: they leave the index
+at once and their bytes are freed when the last pin goes.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+
+import torch
+import trio
+
+from ..keys import ObjectKey
+from .allocator import ExtentAllocator
+from .eviction import POLICIES, choose_victim_salt
+from .ledger import ByteLedger
+
+log = logging.getLogger(__name__)
+
+
+class Refusal(enum.Enum):
+    """Why ``reserve`` could not take room."""
+
+    QUOTA = "quota"  # the tenant is at its quota and has nothing of its own left to evict
+    CAPACITY = "capacity"  # the arena is full of pinned or half-written chunks
+
+
+class EntryState(enum.Enum):
+    WRITING = "writing"
+    READY = "ready"
+
+
+class Entry:
+    __slots__ = ("doomed", "key", "leases", "nbytes", "offset", "readers", "size", "state")
+
+    def __init__(self, key: ObjectKey, offset: int, size: int, nbytes: int) -> None:
+        self.key = key
+        self.offset = offset
+        self.size = size  # bytes taken in the arena (aligned)
+        self.nbytes = nbytes  # payload bytes
+        self.state = EntryState.WRITING
+        self.leases = 0
+        self.readers = 0
+        self.doomed = False
+
+    @property
+    def pinned(self) -> bool:
+        return self.leases > 0 or self.readers > 0
+
+    def __repr__(self) -> str:
+        return (
+            f"Entry({self.state.value}, offset={self.offset}, size={self.size}, "
+            f"leases={self.leases}, readers={self.readers}, doomed={self.doomed})"
+        )
+
+
+class L1Store:
+    def __init__(
+        self,
+        capacity: int,
+        *,
+        high_watermark: float = 0.95,
+        low_watermark: float = 0.90,
+        arena: torch.Tensor | None = None,
+        alignment: int = 4096,
+        policy: str = "lru",
+        quota: Callable[[str], int | None] | None = None,
+        pin: Callable[[torch.Tensor], None] | None = None,
+    ) -> None:
+        """``pin``, when given, page-locks the arena once it exists (the CUDA path copies into it)."""
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        if not 0.0 < low_watermark <= high_watermark <= 1.0:
+            raise ValueError("watermarks must satisfy 0 < low <= high <= 1")
+        self.allocator = ExtentAllocator(capacity, alignment)
+        self.capacity = self.allocator.capacity
+        self.arena = arena if arena is not None else torch.empty(self.capacity, dtype=torch.uint8)
+        if self.arena.numel() < self.capacity:
+            raise ValueError("arena is smaller than the capacity")
+        if pin is not None:
+            pin(self.arena)
+        self._arena_bytes = memoryview(self.arena.numpy())  # type: ignore[arg-type]
+        self.ledger = ByteLedger(self.capacity)
+        self.high_watermark = high_watermark
+        self.low_watermark = low_watermark
+        self._entries: dict[ObjectKey, Entry] = {}
+        self._evictable: OrderedDict[ObjectKey, Entry] = OrderedDict()  # least recent first
+        self._evictable_by_salt: dict[str, OrderedDict[ObjectKey, Entry]] = {}
+        self.policy = policy
+        self.quota = quota
+        self._doomed: set[Entry] = set()
+        self._watermark_wakeup = trio.Event()
+        self.evictions = 0
+        self.evictions_by_reason: Counter[str] = Counter()
+        self.refusals: Counter[Refusal] = Counter()
+        self.eviction_listeners: list[Callable[[Entry, str], None]] = []
+
+    # ------------------------------------------------------------ queries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: ObjectKey) -> bool:
+        return key in self._entries
+
+    def get(self, key: ObjectKey) -> Entry | None:
+        return self._entries.get(key)
+
+    def get_ready(self, key: ObjectKey) -> Entry | None:
+        entry = self._entries.get(key)
+        return entry if entry is not None and entry.state is EntryState.READY else None
+
+    def view(self, entry: Entry) -> torch.Tensor:
+        """The entry's payload bytes in the arena."""
+        return self.arena[entry.offset : entry.offset + entry.nbytes]
+
+    def buffer(self, entry: Entry) -> memoryview:
+        """The entry's payload as a writable memoryview (for L2 I/O; no copy)."""
+        return self._arena_bytes[entry.offset : entry.offset + entry.nbytes]
+
+    def order_problems(self) -> list[str]:
+        """Inconsistencies between the global and per-salt eviction orders (for audits)."""
+        per_salt = {key for bucket in self._evictable_by_salt.values() for key in bucket}
+        problems = []
+        if per_salt != set(self._evictable):
+            problems.append("the global and per-salt eviction orders disagree")
+        if any(e.pinned or e.state is not EntryState.READY for e in self._evictable.values()):
+            problems.append("a pinned or half-written entry is evictable")
+        return problems
+
+    def entries(self) -> list[Entry]:
+        """Every live entry plus doomed ones still holding bytes (for audits)."""
+        return [*self._entries.values(), *self._doomed]
+
+    # ------------------------------------------------------------ writing
+
+    def reserve(self, key: ObjectKey, nbytes: int) -> Entry | Refusal:
+        """Take room for a new chunk, evicting if needed: first the tenant's own least recent
+        chunks while it is at its quota, then by policy while the arena is full."""
+        if key in self._entries:
+            raise KeyError(f"{key} is already present")
+        salt = key.cache_salt
+        size = self.allocator.rounded(nbytes)
+        limit = self.quota(salt) if self.quota is not None else None
+        if limit is not None:
+            while self.ledger.salt_bytes(salt) + size > limit:
+                if size > limit or not self._evictable_by_salt.get(salt):
+                    return self._refuse(Refusal.QUOTA)
+                self._evict_one("quota", salt)
+        if size > self.capacity:
+            return self._refuse(Refusal.CAPACITY)
+        offset = self.allocator.allocate(size)
+        while offset is None and self._evictable:
+            self._evict_one("capacity")
+            offset = self.allocator.allocate(size)
+        if offset is None:
+            return self._refuse(Refusal.CAPACITY)
+        entry = Entry(key, offset, size, nbytes)
+        self._entries[key] = entry
+        self.ledger.charge(salt, size)
+        if self.allocator.used > self.high_watermark * self.capacity:
+            self._watermark_wakeup.set()
+        return entry
+
+    def _refuse(self, reason: Refusal) -> Refusal:
+        self.refusals[reason] += 1
+        return reason
+
+    def commit(self, entry: Entry) -> None:
+        """WRITING -> READY. A doomed entry is freed instead."""
+        if entry.state is not EntryState.WRITING:
+            raise ValueError(f"commit of an entry that is not being written: {entry}")
+        entry.state = EntryState.READY
+        if entry.doomed:
+            self._release_doomed(entry)
+        else:
+            self._add_evictable(entry)
+
+    def abort(self, entry: Entry) -> None:
+        """Free a reservation whose copy failed or was cancelled."""
+        if entry.state is not EntryState.WRITING:
+            raise ValueError(f"abort of an entry that is not being written: {entry}")
+        if entry.doomed:
+            self._release_doomed(entry)
+        else:
+            self._free(entry)
+
+    # ------------------------------------------------------------ pins
+
+    def touch(self, entry: Entry) -> None:
+        """Mark as most recently used."""
+        if self._evictable.get(entry.key) is entry:
+            self._evictable.move_to_end(entry.key)
+            self._evictable_by_salt[entry.key.cache_salt].move_to_end(entry.key)
+
+    def pin_reader(self, entry: Entry) -> None:
+        self._pin(entry)
+        entry.readers += 1
+
+    def unpin_reader(self, entry: Entry) -> None:
+        if entry.readers <= 0:
+            raise ValueError(f"reader unpin without a pin: {entry}")
+        entry.readers -= 1
+        self._after_unpin(entry)
+
+    def add_lease(self, entry: Entry) -> None:
+        self._pin(entry)
+        entry.leases += 1
+
+    def drop_lease(self, entry: Entry) -> None:
+        if entry.leases <= 0:
+            raise ValueError(f"lease drop without a lease: {entry}")
+        entry.leases -= 1
+        self._after_unpin(entry)
+
+    def _pin(self, entry: Entry) -> None:
+        if entry.state is not EntryState.READY:
+            raise ValueError(f"only ready entries can be pinned: {entry}")
+        if self._entries.get(entry.key) is not entry:
+            # Evicted or cleared: its bytes may already belong to another chunk.
+            raise ValueError(f"only live entries can be pinned: {entry}")
+        self._remove_evictable(entry)
+
+    def _after_unpin(self, entry: Entry) -> None:
+        if entry.pinned:
+            return
+        if entry.doomed:
+            self._release_doomed(entry)
+        elif self._entries.get(entry.key) is entry:
+            self._add_evictable(entry)  # just used: most recent
+
+    # ------------------------------------------------------------ eviction
+
+    def evict_to(self, target_used: int, reason: str = "watermark") -> int:
+        """Evict LRU chunks until at most ``target_used`` bytes are used; returns how many."""
+        count = 0
+        while self.allocator.used > target_used and self._evictable:
+            self._evict_one(reason)
+            count += 1
+        return count
+
+    async def run_watermark_eviction(self) -> None:
+        """Background task: when usage passes the high watermark, evict down to the low one."""
+        while True:
+            await self._watermark_wakeup.wait()
+            self._watermark_wakeup = trio.Event()
+            self.evict_to(int(self.low_watermark * self.capacity))
+
+    def clear(self, salt: str | None = None) -> tuple[int, int]:
+        """Remove every chunk (of one salt, or all). Returns (entries removed, bytes freed now)."""
+        removed = freed = 0
+        for key, entry in list(self._entries.items()):
+            if salt is not None and key.cache_salt != salt:
+                continue
+            removed += 1
+            if entry.state is EntryState.WRITING or entry.readers > 0:
+                del self._entries[key]
+                self._remove_evictable(entry)
+                entry.doomed = True
+                self._doomed.add(entry)
+            else:
+                freed += entry.size
+                self._free(entry)
+        return removed, freed
+
+    def _evict_one(self, reason: str, salt: str | None = None) -> None:
+        """Evict one chunk: ``salt``'s least recent, or the policy's choice."""
+        if salt is None and self.policy == "isolated":
+            salt = choose_victim_salt(
+                self._evictable_by_salt, self.ledger.bytes_by_salt, self.capacity, self.quota
+            )
+        lru = self._evictable if salt is None else self._evictable_by_salt[salt]
+        entry = next(iter(lru.values()))  # _free below unlinks it from both orders
+        self.evictions += 1
+        self.evictions_by_reason[reason] += 1
+        self._free(entry)
+        for listener in self.eviction_listeners:
+            listener(entry, reason)
+
+    def _add_evictable(self, entry: Entry) -> None:
+        self._evictable[entry.key] = entry
+        self._evictable_by_salt.setdefault(entry.key.cache_salt, OrderedDict())[entry.key] = entry
+
+    def _remove_evictable(self, entry: Entry) -> None:
+        if self._evictable.get(entry.key) is not entry:
+            return
+        del self._evictable[entry.key]
+        bucket = self._evictable_by_salt[entry.key.cache_salt]
+        del bucket[entry.key]
+        if not bucket:
+            del self._evictable_by_salt[entry.key.cache_salt]
+
+    def _free(self, entry: Entry) -> None:
+        del self._entries[entry.key]
+        self._remove_evictable(entry)
+        self._release_bytes(entry)
+
+    def _release_doomed(self, entry: Entry) -> None:
+        self._doomed.discard(entry)
+        self._release_bytes(entry)
+
+    def _release_bytes(self, entry: Entry) -> None:
+        self.allocator.free(entry.offset)
+        self.ledger.release(entry.key.cache_salt, entry.size)

@@ -1,0 +1,382 @@
+"""Prometheus metrics for one server, on a registry of its own (several servers may share a process).
+
+Two kinds of numbers:
+
+- **Per request** (recorded in ``Server.handle`` on the Trio thread): request counts by kind and
+  outcome and latency histograms through prometheus-client children created once and cached;
+  lookup tokens and bytes moved per salt as plain integers in ``SaltTraffic`` (one dict lookup
+  and a few additions per request; no lock, since only the Trio thread writes them).
+- **At scrape time** (``_StateCollector``): usage, capacity and quotas per tier and salt,
+  evictions, write-behind queues, adapter errors and health, read straight from the ledgers and
+  counters that already exist, so the hot paths pay nothing for them.
+
+Salts appear as label values in their URL spelling: the empty salt is ``@empty``.
+"""
+
+from __future__ import annotations
+
+import typing
+from collections.abc import Iterator
+from typing import Any
+
+import trio
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+
+from .. import __version__
+from ..adapters.base import L2Adapter
+from ..core.engine import CacheEngine
+from ..core.quotas import L1_TIER, QuotaBook, salt_to_url_name
+from ..errors import ErrorCode
+from ..keys import effective_end
+from ..protocol import Error, Lookup, LookupResult, Request, Retrieve, RetrieveResult, Store, StoreResult
+
+# Requests take ~0.1 ms (lookups) to tens of ms (large copies); the prometheus defaults start at 5 ms.
+REQUEST_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+LOOP_LAG_INTERVAL_S = 0.25
+UNKNOWN_KIND = "unknown"  # requests that never decoded (or arrived while draining)
+
+
+class SaltTraffic:
+    """What one tenant asked for and got: lookup tokens by source, bytes moved."""
+
+    __slots__ = (
+        "l1_hit_tokens",
+        "l2_hit_tokens",
+        "lookups",
+        "miss_tokens",
+        "retrieved_bytes",
+        "stored_bytes",
+    )
+
+    def __init__(self) -> None:
+        self.lookups = 0
+        self.l1_hit_tokens = 0
+        self.l2_hit_tokens = 0
+        self.miss_tokens = 0
+        self.stored_bytes = 0
+        self.retrieved_bytes = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+class _KindMetrics:
+    """Cached label children of one request kind."""
+
+    __slots__ = ("_requests", "errors", "kind", "latency", "ok")
+
+    def __init__(self, kind: str, requests: Counter, latency: Histogram) -> None:
+        self.kind = kind
+        self._requests = requests
+        self.ok = requests.labels(kind, "ok")
+        self.latency = latency.labels(kind)
+        self.errors: dict[int, Counter] = {}
+
+    def error(self, code: int) -> Counter:
+        child = self.errors.get(code)
+        if child is None:
+            try:
+                outcome = ErrorCode(code).name
+            except ValueError:
+                outcome = f"code_{code}"
+            child = self.errors[code] = self._requests.labels(self.kind, outcome)
+        return child
+
+
+class ServerMetrics:
+    """Every metric of one server. Call ``record_request`` once per answered request."""
+
+    def __init__(self, engine: CacheEngine, quotas: QuotaBook) -> None:
+        self.engine = engine
+        self.quotas = quotas
+        self.registry = CollectorRegistry(auto_describe=False)
+        self._requests = Counter(
+            "trio_kv_requests",
+            "Requests answered, by kind (request tag) and outcome (ok or the error code's name).",
+            ["kind", "outcome"],
+            registry=self.registry,
+        )
+        self._latency = Histogram(
+            "trio_kv_request_duration_seconds",
+            "Time from decoding a request to having its reply, by kind.",
+            ["kind"],
+            buckets=REQUEST_BUCKETS,
+            registry=self.registry,
+        )
+        self._loop_lag = Histogram(
+            "trio_kv_event_loop_lag_seconds",
+            f"How late a task sleeping {LOOP_LAG_INTERVAL_S} s woke up (sampled event-loop lag).",
+            buckets=LOOP_LAG_BUCKETS,
+            registry=self.registry,
+        )
+        self.loop_lag_last_s = 0.0
+        self.traffic: dict[str, SaltTraffic] = {}
+        self._kinds: dict[type, _KindMetrics] = {
+            kind: _KindMetrics(kind.__struct_config__.tag, self._requests, self._latency)
+            for kind in typing.get_args(Request)
+        }
+        self._unknown = _KindMetrics(UNKNOWN_KIND, self._requests, self._latency)
+        self.registry.register(_StateCollector(self))
+
+    # ------------------------------------------------------------ per request
+
+    def record_request(self, request: Any, reply: Any, seconds: float) -> None:
+        """Count one answered request (``request`` is None if it never decoded)."""
+        kind = self._kinds.get(type(request), self._unknown)
+        if type(reply) is Error:
+            kind.error(reply.code).inc()
+        else:
+            kind.ok.inc()
+        kind.latency.observe(seconds)
+        reply_type = type(reply)
+        if reply_type is LookupResult:
+            self._record_lookup(request, reply)
+        elif reply_type is StoreResult:
+            self._salt(request.key.cache_salt).stored_bytes += reply.stored * self._chunk_bytes(request)
+        elif reply_type is RetrieveResult:
+            traffic = self._salt(request.key.cache_salt)
+            traffic.retrieved_bytes += reply.chunks_written * self._chunk_bytes(request)
+
+    def _record_lookup(self, request: Lookup, reply: LookupResult) -> None:
+        chunk = self.engine.chunk_size
+        traffic = self._salt(request.key.cache_salt)
+        l1_tokens = reply.l1_chunks * chunk
+        l2_tokens = reply.l2_chunks * chunk
+        requested = effective_end(request.key) // chunk * chunk
+        traffic.lookups += 1
+        traffic.l1_hit_tokens += l1_tokens
+        traffic.l2_hit_tokens += l2_tokens
+        traffic.miss_tokens += max(0, requested - l1_tokens - l2_tokens)
+
+    def _salt(self, salt: str) -> SaltTraffic:
+        traffic = self.traffic.get(salt)
+        if traffic is None:
+            traffic = self.traffic[salt] = SaltTraffic()
+        return traffic
+
+    def _chunk_bytes(self, request: Store | Retrieve) -> int:
+        cache = self.engine.instances.get(request.instance_id)
+        if cache is None:  # unregistered since: its chunk size is gone with it
+            return 0
+        layout = cache.layout
+        return layout.chunk_bytes(self.engine.chunk_size // layout.block_size)
+
+    # ------------------------------------------------------------ readers
+
+    def traffic_summary(self) -> dict[str, Any]:
+        """Lookup and byte totals, overall and per salt (URL names), for the status view."""
+        by_salt = {salt_to_url_name(salt): t.as_dict() for salt, t in sorted(self.traffic.items())}
+        total = {name: sum(t[name] for t in by_salt.values()) for name in SaltTraffic.__slots__}
+        return {"total": total, "by_salt": by_salt}
+
+    def exposition(self, accept: str = "") -> tuple[bytes, str]:
+        """The metrics page and its content type, in the format the ``Accept`` header asks for."""
+        encoder, content_type = choose_encoder(accept)
+        return encoder(self.registry), content_type
+
+    # ------------------------------------------------------------ event-loop lag
+
+    async def run_loop_lag_probe(self, interval_s: float = LOOP_LAG_INTERVAL_S) -> None:
+        """Sleep ``interval_s`` at a time and record how late each wake-up was. Does nothing under
+        a virtual clock (tests), where lag means nothing and a periodic sleeper would make an
+        autojump clock race ahead."""
+        from trio.testing import MockClock
+
+        if isinstance(trio.lowlevel.current_clock(), MockClock):
+            return
+        while True:
+            deadline = trio.current_time() + interval_s
+            await trio.sleep_until(deadline)
+            lag = max(0.0, trio.current_time() - deadline)
+            self.loop_lag_last_s = lag
+            self._loop_lag.observe(lag)
+
+
+class _StateCollector:
+    """Reads usage, counters and health at scrape time (on the Trio thread, like everything else)."""
+
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        metrics = self._metrics
+        engine = metrics.engine
+        yield from self._traffic(metrics)
+        yield from self._usage(metrics)
+        yield from self._l2(engine)
+
+        l1 = engine.l1
+        evictions = CounterMetricFamily(
+            "trio_kv_evictions", "Chunks evicted, by tier and reason.", labels=["tier", "reason"]
+        )
+        for reason, count in sorted(l1.evictions_by_reason.items()):
+            evictions.add_metric([L1_TIER, reason], count)
+        for adapter in _adapters(engine):
+            for reason, count in sorted(adapter.evictions_by_reason.items()):
+                evictions.add_metric([adapter.name, reason], count)
+        yield evictions
+        refusals = CounterMetricFamily(
+            "trio_kv_l1_refusals",
+            "L1 reservations refused (quota: the tenant had nothing of its own to evict; "
+            "capacity: everything else pinned).",
+            labels=["reason"],
+        )
+        for refusal, count in sorted(l1.refusals.items(), key=lambda item: item[0].value):
+            refusals.add_metric([refusal.value], count)
+        yield refusals
+
+        yield _gauge("trio_kv_l1_entries", "Chunks in L1.", len(l1))
+        yield _gauge("trio_kv_leases", "Lookup leases held.", len(engine.leases))
+        yield _gauge("trio_kv_sessions", "Hash sessions cached.", len(engine.sessions))
+        yield _gauge("trio_kv_instances", "Registered KV caches.", len(engine.instances))
+        yield _gauge("trio_kv_requests_in_flight", "Requests being handled.", engine.requests_in_flight)
+        yield _gauge(
+            "trio_kv_event_loop_lag_last_seconds",
+            "The latest event-loop lag sample.",
+            metrics.loop_lag_last_s,
+        )
+        info = GaugeMetricFamily("trio_kv_build_info", "The server's version.", labels=["version"])
+        info.add_metric([__version__], 1)
+        yield info
+
+    def _traffic(self, metrics: ServerMetrics) -> Iterator[Metric]:
+        lookups = CounterMetricFamily("trio_kv_lookups", "Lookups answered, by salt.", labels=["salt"])
+        hits = CounterMetricFamily(
+            "trio_kv_lookup_hit_tokens",
+            "Tokens a lookup found, by the tier they came from (l1, l2) and salt.",
+            labels=["tier", "salt"],
+        )
+        misses = CounterMetricFamily(
+            "trio_kv_lookup_miss_tokens",
+            "Full-chunk tokens a lookup asked for and did not find, by salt.",
+            labels=["salt"],
+        )
+        stored = CounterMetricFamily(
+            "trio_kv_stored_bytes", "Bytes copied into L1 by stores, by salt.", labels=["salt"]
+        )
+        retrieved = CounterMetricFamily(
+            "trio_kv_retrieved_bytes", "Bytes copied out to engines by retrieves, by salt.", labels=["salt"]
+        )
+        for salt, traffic in metrics.traffic.items():
+            name = salt_to_url_name(salt)
+            lookups.add_metric([name], traffic.lookups)
+            hits.add_metric(["l1", name], traffic.l1_hit_tokens)
+            hits.add_metric(["l2", name], traffic.l2_hit_tokens)
+            misses.add_metric([name], traffic.miss_tokens)
+            stored.add_metric([name], traffic.stored_bytes)
+            retrieved.add_metric([name], traffic.retrieved_bytes)
+        yield from (lookups, hits, misses, stored, retrieved)
+
+    def _usage(self, metrics: ServerMetrics) -> Iterator[Metric]:
+        engine = metrics.engine
+        used = GaugeMetricFamily("trio_kv_tier_used_bytes", "Bytes held, by tier.", labels=["tier"])
+        capacity = GaugeMetricFamily(
+            "trio_kv_tier_capacity_bytes", "Capacity by tier (absent when unbounded).", labels=["tier"]
+        )
+        salt_used = GaugeMetricFamily(
+            "trio_kv_salt_used_bytes", "Bytes held, by tier and salt.", labels=["tier", "salt"]
+        )
+        salt_quota = GaugeMetricFamily(
+            "trio_kv_salt_quota_bytes",
+            "Quota set per tier and salt (salt @default: the fallback for salts without their own).",
+            labels=["tier", "salt"],
+        )
+        ledgers = [(L1_TIER, engine.l1.ledger), *((a.name, a.ledger) for a in _adapters(engine))]
+        for tier, ledger in ledgers:
+            used.add_metric([tier], ledger.total)
+            if ledger.capacity:
+                capacity.add_metric([tier], ledger.capacity)
+            for salt, nbytes in ledger.bytes_by_salt.items():
+                salt_used.add_metric([tier, salt_to_url_name(salt)], nbytes)
+        for quota_salt, limits in metrics.quotas.all().items():
+            for tier, limit in limits.items():
+                salt_quota.add_metric([tier, salt_to_url_name(quota_salt)], limit)
+        yield from (used, capacity, salt_used, salt_quota)
+
+    def _l2(self, engine: CacheEngine) -> Iterator[Metric]:
+        depth = GaugeMetricFamily(
+            "trio_kv_l2_queue_depth", "Chunks waiting for write-behind, by tier.", labels=["tier"]
+        )
+        dropped = CounterMetricFamily(
+            "trio_kv_l2_queue_dropped",
+            "Chunks dropped because the write-behind queue was full.",
+            labels=["tier"],
+        )
+        writes = CounterMetricFamily(
+            "trio_kv_l2_writes",
+            "Write-behind outcomes: written, failed, quota_skipped, timed_out, skipped_evicted.",
+            labels=["tier", "outcome"],
+        )
+        loads = CounterMetricFamily(
+            "trio_kv_l2_loads", "Loads into L1: loaded, failed, timed_out.", labels=["tier", "outcome"]
+        )
+        errors = CounterMetricFamily(
+            "trio_kv_l2_errors", "Adapter errors, by tier and operation.", labels=["tier", "op"]
+        )
+        healthy = GaugeMetricFamily(
+            "trio_kv_l2_healthy", "1 if the adapter reports healthy.", labels=["tier"]
+        )
+        breaker = GaugeMetricFamily(
+            "trio_kv_l2_breaker_open", "1 while the adapter's circuit breaker is open.", labels=["tier"]
+        )
+        tiering = engine.tiering
+        for adapter in _adapters(engine):
+            assert tiering is not None
+            name = adapter.name
+            counters = tiering.counters(adapter)
+            health = adapter.health()
+            depth.add_metric([name], tiering.queue_depth(adapter))
+            dropped.add_metric([name], counters.dropped)
+            for outcome, count in (
+                ("written", counters.written),
+                ("failed", counters.write_failures),
+                ("quota_skipped", counters.quota_skips),
+                ("timed_out", counters.write_timeouts),
+                ("skipped_evicted", counters.skipped_evicted),
+            ):
+                writes.add_metric([name, outcome], count)
+            for outcome, count in (
+                ("loaded", counters.loads),
+                ("failed", counters.load_failures),
+                ("timed_out", counters.load_timeouts),
+            ):
+                loads.add_metric([name, outcome], count)
+            for op, count in (
+                ("write", counters.write_failures),
+                ("load", counters.load_failures),
+                ("lookup", counters.lookup_errors),
+                ("evict", adapter.errors),
+            ):
+                errors.add_metric([name, op], count)
+            healthy.add_metric([name], 1 if health.healthy else 0)
+            breaker.add_metric([name], 1 if health.state == "breaker-open" else 0)
+        yield from (depth, dropped, writes, loads, errors, healthy, breaker)
+
+
+def _adapters(engine: CacheEngine) -> list[L2Adapter]:
+    return engine.tiering.adapters if engine.tiering is not None else []
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, value=value)

@@ -1,0 +1,333 @@
+"""The server process shape: one root nursery holding the IPC listeners and the engine's tasks.
+
+Each ``--listen`` URL gets a pynng Rep0 socket served by a pool of context
+tasks (recv -> decode -> handle -> send). Shutdown drains: new requests get
+SHUTTING_DOWN while in-flight ones finish (up to a grace period), then every
+task is cancelled and ipc:// socket files are removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pynng
+import trio
+
+from .. import __version__
+from ..adapters.spec import build_adapter
+from ..core.engine import CacheEngine, EngineSettings, FaultHook
+from ..core.l1 import L1Store
+from ..core.quotas import L1_TIER, QuotaBook
+from ..core.tiering import Tiering, TieringSettings
+from ..errors import ErrorCode, TrioKVError
+from ..protocol import (
+    PROTOCOL_VERSION,
+    Clear,
+    EndSession,
+    Hello,
+    HelloOk,
+    Limits,
+    Lookup,
+    Ping,
+    Pong,
+    RegisterKVCache,
+    ReleaseLookup,
+    Retrieve,
+    Status,
+    Store,
+    UnregisterKVCache,
+    decode_request,
+    encode,
+    error_reply,
+)
+from ..transfer import arena_pinner, select_backend
+from .admin import AdminApp, start_admin
+from .config import ServerConfig
+from .metrics import ServerMetrics
+
+log = logging.getLogger(__name__)
+
+# nng drops (rather than answers) a message over recv_max_size; this slack lets
+# moderately oversized messages reach the decoder and get a MESSAGE_TOO_LARGE reply.
+_RECV_SLACK = 2
+_SEND_TIMEOUT_MS = 5000
+
+
+def ipc_path(url: str) -> str | None:
+    return url[len("ipc://") :] if url.startswith("ipc://") else None
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Unlink a socket file nobody listens on; refuse to steal one a live server holds."""
+    if not os.path.exists(path):
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)
+        log.info("removed stale socket file %s", path)
+        return
+    except OSError as exc:
+        raise RuntimeError(f"{path} exists and is not a usable socket: {exc}") from exc
+    finally:
+        probe.close()
+    raise RuntimeError(f"another server is already listening on ipc://{path}")
+
+
+class Server:
+    """A trio-kv server: build it from a config, then ``await nursery.start(server.serve)``."""
+
+    def __init__(
+        self, config: ServerConfig, *, faults: FaultHook | None = None, config_path: str | None = None
+    ) -> None:
+        self.config = config
+        self.limits = Limits(
+            max_message_bytes=config.max_message_bytes,
+            max_tokens_per_key=config.max_tokens_per_key,
+            max_block_ids=config.max_block_ids,
+            max_world_size=config.max_world_size,
+            max_keys_per_request=config.max_keys_per_request,
+        )
+        settings = EngineSettings(
+            chunk_size=config.chunk_size,
+            lease_ttl_s=config.lease_ttl_s,
+            session_ttl_s=config.session_ttl_s,
+            max_sessions=config.max_sessions,
+            limits=self.limits,
+        )
+        self.adapters = [build_adapter(spec) for spec in config.l2_specs()]
+        self.quotas = QuotaBook([L1_TIER, *(a.name for a in self.adapters)], config.quota_path(config_path))
+        transfer = select_backend(config.transfer, threads=config.copy_threads, shm_dir=config.shm_dir)
+        self.l1 = L1Store(
+            config.l1_size,
+            high_watermark=config.evict_high_watermark,
+            low_watermark=config.evict_low_watermark,
+            policy=config.eviction_policy,
+            quota=self.quotas.limiter(L1_TIER),
+            pin=arena_pinner(transfer),
+        )
+        for adapter in self.adapters:
+            adapter.policy = config.eviction_policy
+            adapter.quota = self.quotas.limiter(adapter.name)
+        self.tiering = (
+            Tiering(
+                self.l1,
+                self.adapters,
+                TieringSettings(
+                    queue_size=config.l2_queue_size,
+                    writers_per_adapter=config.l2_writers,
+                    lookup_timeout_s=config.l2_lookup_timeout_s,
+                    load_timeout_s=config.l2_load_timeout_s,
+                    load_concurrency=config.l2_load_concurrency,
+                    write_timeout_s=config.l2_write_timeout_s,
+                    max_inflight_writes=config.l2_max_inflight_writes,
+                ),
+            )
+            if self.adapters
+            else None
+        )
+        self.engine = CacheEngine(settings, self.l1, transfer, tiering=self.tiering, faults=faults)
+        self.metrics = ServerMetrics(self.engine, self.quotas)
+        self.admin_url: str | None = None  # the admin HTTP URL actually bound, once serving
+        self._admin_stop = trio.Event()
+        self.draining = False
+        self._idle = trio.Event()
+        self._idle.set()
+        self._sockets: list[pynng.Rep0] = []
+        self._socket_files: list[str] = []
+        self._cancel_scope: trio.CancelScope | None = None
+        handlers: dict[type, Callable[[Any], Awaitable[Any] | Any]] = {
+            Hello: self._hello,
+            Ping: lambda _: Pong(),
+            RegisterKVCache: self.engine.register,
+            UnregisterKVCache: self.engine.unregister,
+            Store: self.engine.store,
+            Lookup: self.engine.lookup,
+            Retrieve: self.engine.retrieve,
+            ReleaseLookup: self.engine.release,
+            EndSession: self.engine.end_session,
+            Clear: self.engine.clear,
+            Status: lambda _: self.engine.status(),
+        }
+        self._handlers = handlers
+
+    @property
+    def urls(self) -> list[str]:
+        return list(self.config.listen)
+
+    async def serve(self, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until cancelled (or ``shutdown``). Reports started once every URL listens."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._cancel_scope = nursery.cancel_scope
+                nursery.start_soon(self.engine.run_housekeeping)
+                nursery.start_soon(self.engine.owners.run)
+                nursery.start_soon(self.l1.run_watermark_eviction)
+                # Each adapter runs its own task group; its recovery scan finishes before we serve.
+                for adapter in self.adapters:
+                    await nursery.start(adapter.run)
+                if self.tiering is not None:
+                    await nursery.start(self.tiering.run)
+                for url in self.config.listen:
+                    sock = self._listen(url)
+                    for _ in range(self.config.workers):
+                        nursery.start_soon(self._serve_context, sock.new_context())
+                nursery.start_soon(self.metrics.run_loop_lag_probe)
+                if not self.config.no_admin:
+                    self.admin_url = await start_admin(
+                        nursery,
+                        AdminApp(
+                            config=self.config,
+                            engine=self.engine,
+                            quotas=self.quotas,
+                            metrics=self.metrics,
+                            is_draining=lambda: self.draining,
+                        ),
+                        self.config.admin_address(),
+                        shutdown_trigger=self._admin_stop.wait,
+                    )
+                log.info(
+                    "trio-kv %s serving on %s (L1 %d bytes, chunk %d tokens, L2: %s, admin: %s)",
+                    __version__,
+                    ", ".join(self.config.listen),
+                    self.l1.capacity,
+                    self.config.chunk_size,
+                    ", ".join(a.name for a in self.adapters) or "none",
+                    self.admin_url or "off",
+                )
+                task_status.started(self)
+        finally:
+            self._close_sockets()
+            self._save_quotas()
+
+    def _save_quotas(self) -> None:
+        """Last chance for a quota change whose save failed earlier to reach the state file."""
+        try:
+            self.quotas.save_now()
+        except OSError as exc:
+            log.error("quota changes not saved to %s: %s", self.quotas.path, exc)
+
+    def _listen(self, url: str) -> pynng.Rep0:
+        path = ipc_path(url)
+        if path is not None:
+            _remove_stale_socket(path)
+        # A reply that cannot be handed to its pipe within the send timeout is dropped, so a
+        # peer that never reads cannot hold a worker context.
+        sock = pynng.Rep0(
+            recv_max_size=self.config.max_message_bytes * _RECV_SLACK, send_timeout=_SEND_TIMEOUT_MS
+        )
+        self._sockets.append(sock)
+        mode = self.config.socket_permissions()
+        # The socket file is born with the final mode (umask), so it is never open to others.
+        previous_umask = os.umask(0o777 & ~mode)
+        try:
+            sock.listen(url)
+        finally:
+            os.umask(previous_umask)
+        if path is not None:
+            self._socket_files.append(path)
+            os.chmod(path, mode)
+        return sock
+
+    def _close_sockets(self) -> None:
+        for sock in self._sockets:
+            sock.close()
+        self._sockets.clear()
+        # Only files this server created: a refused start must not unlink a live server's socket.
+        for path in self._socket_files:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        self._socket_files.clear()
+
+    async def wait_idle(self) -> None:
+        """Return once no request is being handled."""
+        await self._idle.wait()
+
+    async def shutdown(self, grace_s: float = 5.0) -> None:
+        """Answer new requests with SHUTTING_DOWN, wait for in-flight ones (up to ``grace_s``), stop."""
+        self.draining = True
+        with trio.move_on_after(grace_s):
+            await self._idle.wait()
+        if self.engine.requests_in_flight:
+            log.warning("shutting down with %d requests still in flight", self.engine.requests_in_flight)
+        self._admin_stop.set()
+        if self._cancel_scope is not None:
+            self._cancel_scope.cancel()
+
+    async def _serve_context(self, ctx: pynng.Context) -> None:
+        with ctx:
+            while True:
+                try:
+                    request = await ctx.arecv()
+                except pynng.Closed:
+                    return
+                reply = await self.handle(request)
+                try:
+                    await ctx.asend(reply)
+                except pynng.Closed:
+                    return
+                except pynng.NNGException as exc:
+                    # The client went away; its request is over either way.
+                    log.debug("reply not delivered: %s", exc)
+
+    async def handle(self, buf: bytes) -> bytes:
+        """Answer one encoded request with one encoded reply, and count it in the metrics.
+        Never raises (but Cancelled; a cancelled request is not counted)."""
+        engine = self.engine
+        engine.requests_in_flight += 1
+        self._idle = trio.Event() if self._idle.is_set() else self._idle
+        started = time.perf_counter()
+        request = None
+        try:
+            if self.draining:
+                raise TrioKVError(ErrorCode.SHUTTING_DOWN, "the server is shutting down")
+            request = decode_request(buf, self.config.max_message_bytes)
+            handler = self._handlers[type(request)]
+            with trio.fail_after(self.config.request_timeout_s):
+                reply = handler(request)
+                if isinstance(reply, Awaitable):
+                    reply = await reply
+        except TrioKVError as exc:
+            reply = error_reply(exc)
+        except trio.TooSlowError:
+            reply = error_reply(
+                TrioKVError(
+                    ErrorCode.TIMEOUT, f"request did not finish within {self.config.request_timeout_s} s"
+                )
+            )
+        except Exception as exc:
+            log.exception("internal error while handling a request")
+            reply = error_reply(TrioKVError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"))
+        finally:
+            engine.requests_in_flight -= 1
+            if engine.requests_in_flight == 0:
+                self._idle.set()
+        try:
+            self.metrics.record_request(request, reply, time.perf_counter() - started)
+        except Exception:  # a metrics bug must not cost the client its reply
+            log.exception("recording request metrics failed")
+        try:
+            return encode(reply)
+        except Exception as exc:
+            log.exception("a reply could not be encoded")
+            return encode(error_reply(TrioKVError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")))
+
+    def _hello(self, request: Hello) -> HelloOk:
+        if request.protocol_version != PROTOCOL_VERSION:
+            raise TrioKVError(
+                ErrorCode.VERSION_MISMATCH,
+                f"client speaks protocol {request.protocol_version}; this server speaks {PROTOCOL_VERSION}",
+            )
+        return HelloOk(
+            protocol_version=PROTOCOL_VERSION,
+            server_version=__version__,
+            chunk_size=self.config.chunk_size,
+            limits=self.limits,
+        )
