@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import signal
@@ -119,11 +120,53 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
         module.add_parser(bench_sub)
 
 
+# The optional dependencies and the extra that installs each: a command that needs one that is
+# missing says which extra to install instead of failing with a traceback.
+EXTRA_OF = {
+    "hypercorn": "server",
+    "prometheus_client": "server",
+    "xxhash": "server",
+    "boto3": "s3",
+    "botocore": "s3",
+    "cuda": "cuda",
+}
+
+
+def missing_extra(exc: BaseException) -> str | None:
+    """The extra whose absence ``exc`` (maybe inside Trio's exception groups) reports, if any."""
+    exc = single_cause(exc)
+    if isinstance(exc, ModuleNotFoundError) and exc.name:
+        return EXTRA_OF.get(exc.name.split(".")[0])
+    return None
+
+
+class _NeedsExtra:
+    """Stands in for a bench module whose dependencies are not installed: the subcommand is
+    listed (and says what to install) instead of breaking ``trio-kv --help``."""
+
+    def __init__(self, name: str, error: ModuleNotFoundError) -> None:
+        self.name = name
+        self.error = error
+
+    def add_parser(self, sub: Any) -> None:
+        extra = missing_extra(self.error) or "test"
+        sub.add_parser(self.name, help=f"(not installed: pip install 'trio-kv[{extra}]')")
+
+    def main(self, args: argparse.Namespace) -> int:
+        raise self.error
+
+
 def _bench_modules() -> dict[str, Any]:
     """``trio-kv bench`` subcommands beyond cpu, each a module with add_parser() and main()."""
-    from .tools import bench_fs, bench_gpu, bench_s3, bench_soak, bench_vllm
-
-    return {"fs": bench_fs, "s3": bench_s3, "gpu": bench_gpu, "soak": bench_soak, "vllm": bench_vllm}
+    modules: dict[str, Any] = {}
+    for name in ("fs", "s3", "gpu", "soak", "vllm"):
+        try:
+            modules[name] = importlib.import_module(f"{__package__}.tools.bench_{name}")
+        except ModuleNotFoundError as exc:
+            if missing_extra(exc) is None:
+                raise
+            modules[name] = _NeedsExtra(name, exc)
+    return modules
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -234,7 +277,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands = {"serve": cmd_serve, "ping": cmd_ping, "bench": cmd_bench, **admin_cli.COMMANDS}
-    return commands[args.command](args)
+    try:
+        return commands[args.command](args)
+    except BaseException as exc:
+        extra = missing_extra(exc)
+        if extra is None:
+            raise
+        print(
+            f"trio-kv {args.command}: {single_cause(exc)}; install it with: pip install 'trio-kv[{extra}]'",
+            file=sys.stderr,
+        )
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -3,19 +3,24 @@
 The CPU backend works on shared-memory tensors and needs no GPU. The CUDA
 backend (``cuda.py``) copies between CUDA IPC-mapped KV caches and a pinned L1
 arena, and serves shared-memory registrations through the CPU path too.
-Importing this package never touches the CUDA driver.
+Importing this package imports neither cuda-python nor the CUDA driver: the
+CUDA backend is loaded when ``select_backend`` asks for it, so a server
+installed without the ``[cuda]`` extra runs the CPU path.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .cpu import CopyJob, CpuTransfer, MappedKVCache
-from .cuda import CudaTransfer, CudaUnavailable, driver_status
 from .layout import KVLayout, plan_layout
+
+if TYPE_CHECKING:
+    import torch
+
+    from .cuda import CudaTransfer
 
 __all__ = [
     "BACKENDS",
@@ -34,12 +39,34 @@ BACKENDS = ("auto", "cpu", "cuda")
 log = logging.getLogger(__name__)
 
 
+class CudaUnavailable(RuntimeError):
+    """``transfer = "cuda"`` was asked for on a host without a usable CUDA device or driver."""
+
+
+def __getattr__(name: str) -> Any:
+    if name == "CudaTransfer":  # imported on first use: it needs cuda-python
+        from .cuda import CudaTransfer
+
+        return CudaTransfer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def select_backend(name: str = "auto", *, threads: int = 2, shm_dir: str = "/dev/shm") -> CpuTransfer:
-    """The transfer backend to use: "cpu", "cuda", or "auto" (cuda when a device and a
-    recent enough driver are present, else cpu). "cuda" without them raises CudaUnavailable."""
+    """The transfer backend to use: "cpu", "cuda", or "auto" (cuda when cuda-python, a device
+    and a recent enough driver are present, else cpu). "cuda" without them raises CudaUnavailable."""
     if name not in BACKENDS:
         raise ValueError(f"unknown transfer backend {name!r}; available: {', '.join(BACKENDS)}")
-    if name == "cuda" or (name == "auto" and driver_status() is None):
+    if name == "cpu":
+        return CpuTransfer(threads=threads, shm_dir=shm_dir)
+    try:
+        from .cuda import CudaTransfer, driver_status
+    except ImportError as exc:
+        if name == "cuda":
+            raise CudaUnavailable(
+                f"transfer backend 'cuda' cannot start: {exc} (install the extra: pip install 'trio-kv[cuda]')"
+            ) from None
+        return CpuTransfer(threads=threads, shm_dir=shm_dir)
+    if name == "cuda" or driver_status() is None:
         try:
             return CudaTransfer(threads=threads, shm_dir=shm_dir)
         except Exception as exc:
@@ -53,4 +80,5 @@ def select_backend(name: str = "auto", *, threads: int = 2, shm_dir: str = "/dev
 
 def arena_pinner(backend: CpuTransfer) -> Callable[[torch.Tensor], None] | None:
     """What page-locks the L1 arena for ``backend`` (``L1Store(pin=...)``); None for the CPU path."""
-    return backend.pin_host if isinstance(backend, CudaTransfer) else None
+    pin: Callable[[torch.Tensor], None] | None = getattr(backend, "pin_host", None)
+    return pin

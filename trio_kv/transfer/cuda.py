@@ -43,6 +43,7 @@ from cuda.bindings import driver
 from ..errors import ErrorCode, TrioKVError
 from ..export.cuda_driver import CudaError, call, handle_from_bytes
 from ..protocol import CudaRegistration, RegisterKVCache, TensorSpec
+from . import CudaUnavailable
 from .cpu import CopyJob, CpuTransfer, MappedKVCache
 from .events import Device, batch_attributes, driver_status, run_copies
 from .layout import KVLayout
@@ -53,10 +54,6 @@ __all__ = ["CudaTransfer", "CudaUnavailable", "MappedCudaKVCache", "cuda_availab
 log = logging.getLogger(__name__)
 
 MAX_OPEN_EVENTS = 64  # per instance: IPC events opened from request handles
-
-
-class CudaUnavailable(RuntimeError):
-    """``transfer = "cuda"`` was asked for on a host without a usable CUDA device or driver."""
 
 
 def cuda_available() -> bool:
