@@ -24,5 +24,5 @@ if [ ! -f "$marker" ]; then
     touch "$marker"
 fi
 log "installing trio-kv from $repo"
-"$venv/bin/pip" install -q --disable-pip-version-check -e "$repo" >&2
+"$venv/bin/pip" install -q --disable-pip-version-check -e "$repo[server]" >&2
 echo "$venv/bin/python"
