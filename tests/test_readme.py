@@ -29,7 +29,7 @@ README_MAX_LINES = 180
 PENDING_PAGES = {ROOT / "docs" / "architecture.md"}
 
 FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
-LINK = re.compile(r"(?<!!)\[[^\]\n]*\]\(([^)\s]+)\)")
+LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)")
 
 
 def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -52,7 +52,7 @@ def code_blocks(text: str) -> list[tuple[str, str]]:
 def prose(text: str) -> str:
     """The text without fenced code blocks and inline code spans."""
     text = FENCE.sub("", text)
-    return re.sub(r"`[^`\n]*`", "", text)
+    return re.sub(r"`[^`]*`", "", text)
 
 
 def github_slug(heading: str) -> str:
@@ -179,7 +179,7 @@ def test_the_link_checker_sees_broken_links(tmp_path):
     page = tmp_path / "a.md"
     page.write_text(
         "# A\n\n[ok](b.md) [ok](b.md#two-words-here) [ok](#a) [web](https://example.com/x)\n"
-        "[gone](c.md) [bad anchor](b.md#not-a-heading) [bad local](#nowhere)\n"
+        "[gone](c.md) [bad anchor](b.md#not-a-heading) [bad\nlocal](#nowhere)\n"
         "`[in code](d.md)`\n\n```\n[in a block](e.md)\n```\n"
     )
     assert broken_links(page) == [
