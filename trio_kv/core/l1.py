@@ -103,7 +103,6 @@ class L1Store:
         self.evictions = 0
         self.evictions_by_reason: Counter[str] = Counter()
         self.refusals: Counter[Refusal] = Counter()
-        self.eviction_listeners: list[Callable[[Entry, str], None]] = []
 
     # ------------------------------------------------------------ queries
 
@@ -284,8 +283,6 @@ class L1Store:
         self.evictions += 1
         self.evictions_by_reason[reason] += 1
         self._free(entry)
-        for listener in self.eviction_listeners:
-            listener(entry, reason)
 
     def _add_evictable(self, entry: Entry) -> None:
         self._evictable[entry.key] = entry

@@ -54,20 +54,6 @@ class LeaseTable:
             heapq.heappush(self._deadlines, (deadline, next(self._sequence), owner))
         return len(fresh.held)
 
-    def add(self, owner: LeaseOwner, chunk_index: int, entry: Entry, deadline: float) -> None:
-        """Add one lease to an owner's set, keeping what it holds (used by L2 prefetch)."""
-        lease_set = self._sets.get(owner)
-        if lease_set is None:
-            lease_set = self._sets[owner] = _LeaseSet(deadline)
-            heapq.heappush(self._deadlines, (deadline, next(self._sequence), owner))
-        if entry.key not in lease_set.held:
-            self._l1.add_lease(entry)
-            lease_set.held[entry.key] = (chunk_index, entry)
-
-    def holds(self, owner: LeaseOwner, key: ObjectKey) -> bool:
-        lease_set = self._sets.get(owner)
-        return lease_set is not None and key in lease_set.held
-
     def release_keys(self, owner: LeaseOwner, keys: Iterable[ObjectKey]) -> int:
         lease_set = self._sets.get(owner)
         if lease_set is None:
