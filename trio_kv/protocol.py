@@ -171,11 +171,11 @@ Reply = Union[
 
 # ---------------------------------------------------------------- requests
 
-R = TypeVar("R", bound=_Message)
+ReplyT = TypeVar("ReplyT", bound=_Message)
 
 
-class RequestFor(_Message, Generic[R]):
-    """A request whose successful reply is an ``R`` (any request may also get an ``Error``).
+class RequestFor(_Message, Generic[ReplyT]):
+    """A request whose successful reply is a ``ReplyT`` (any request may also get an ``Error``).
 
     The type parameter is not a field, so it changes nothing on the wire."""
 
@@ -309,7 +309,7 @@ REQUEST_KINDS = frozenset(t.__struct_config__.tag for t in get_args(Request))
 
 
 def _declared_reply(request_type: type) -> type[_Message]:
-    """The ``R`` of the ``RequestFor[R]`` that ``request_type`` derives from."""
+    """The ``ReplyT`` of the ``RequestFor[ReplyT]`` that ``request_type`` derives from."""
     for cls in request_type.__mro__:
         for base in getattr(cls, "__orig_bases__", ()):
             if get_origin(base) is RequestFor:
@@ -322,7 +322,7 @@ def _declared_reply(request_type: type) -> type[_Message]:
 REPLY_OF: dict[type, type[_Message]] = {request: _declared_reply(request) for request in get_args(Request)}
 
 
-def reply_type(request_type: type[RequestFor[R]]) -> type[R]:
+def reply_type(request_type: type[RequestFor[ReplyT]]) -> type[ReplyT]:
     """The reply type a request type declares, e.g. ``reply_type(Ping) is Pong``."""
     return REPLY_OF[request_type]  # type: ignore[return-value]
 
