@@ -56,6 +56,13 @@ def test_an_operation_has_one_signature_on_both_clients(unconnected, name):
     assert not inspect.iscoroutinefunction(blocking_operation)
 
 
+async def test_an_operation_looked_up_on_the_class_takes_the_client_first(unconnected):
+    _, blocking_client = unconnected
+    blocking_client.fail_fast = True
+    with pytest.raises(ConnectionError):
+        BlockingClient.ping(blocking_client)
+
+
 async def test_an_async_operation_builds_its_request_when_awaited(unconnected):
     async_client, _ = unconnected
     bad_key = RequestKey(model="m", world_size=1, rank=0, tokens=[-1])

@@ -104,6 +104,8 @@ class Op(Generic[P, ReplyT]):
     def __get__(self, client: AsyncClient, owner: type) -> Callable[P, Awaitable[ReplyT]]: ...
     @overload
     def __get__(self, client: BlockingClient, owner: type) -> Callable[P, ReplyT]: ...
+    @overload
+    def __get__(self, client: _Client, owner: type) -> Callable[P, Any]: ...
     def __get__(self, client: _Client | None, owner: type) -> Any:
         if client is None:
             return self
@@ -123,6 +125,10 @@ class Op(Generic[P, ReplyT]):
         functools.update_wrapper(operation, build)
         operation.__name__ = operation.__qualname__ = self.name
         return operation
+
+    def __call__(self, client: _Client, *args: P.args, **kwargs: P.kwargs) -> Any:
+        """``AsyncClient.ping(client)``, as with a plain method looked up on the class."""
+        return self.__get__(client, type(client))(*args, **kwargs)
 
 
 # ---------------------------------------------------------------- request builders
