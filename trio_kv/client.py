@@ -4,12 +4,18 @@ Both open one Req0 socket (resend disabled) and one nng context per request,
 so many requests can be in flight at once. ``connect`` says Hello first: it
 checks the protocol version and learns the server's chunk size and limits,
 which the client then enforces before sending anything.
+
+The operations (``ping``, ``store``, ...) are written once, as ``Op``s that build a
+request; the two clients differ only in how ``call`` sends it and waits for the
+reply, whose type the request declares (``protocol.reply_type``).
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any, Protocol, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, Generic, ParamSpec, Protocol, overload
 
 import pynng
 import trio
@@ -19,33 +25,26 @@ from .keys import RequestKey, packed_key
 from .protocol import (
     PROTOCOL_VERSION,
     Clear,
-    Cleared,
     EndSession,
     Error,
     Hello,
     HelloOk,
     Lookup,
-    LookupResult,
     Ping,
-    Pong,
-    Registered,
     RegisterKVCache,
-    Released,
     ReleaseLookup,
+    ReplyT,
+    RequestFor,
     Retrieve,
-    RetrieveResult,
-    SessionEnded,
     Status,
-    StatusResult,
     Store,
-    StoreResult,
-    Unregistered,
     UnregisterKVCache,
     decode_reply,
     encode,
+    reply_type,
 )
 
-T = TypeVar("T")
+P = ParamSpec("P")
 DEFAULT_TIMEOUT_S = 30.0
 
 
@@ -60,7 +59,7 @@ def _open_socket(url: str, *, wait: bool, timeout_s: float) -> pynng.Req0:
     return sock
 
 
-def _unwrap(buf: bytes, expected: type[T]) -> T:
+def _unwrap(buf: bytes, expected: type[ReplyT]) -> ReplyT:
     reply = decode_reply(buf)
     if isinstance(reply, Error):
         try:
@@ -73,6 +72,11 @@ def _unwrap(buf: bytes, expected: type[T]) -> T:
     return reply
 
 
+def _expected(request: RequestFor[ReplyT], expected: type[ReplyT] | None) -> type[ReplyT]:
+    """The reply type to accept: the one ``request`` declares, unless the caller names one."""
+    return reply_type(type(request)) if expected is None else expected
+
+
 class Exportable(Protocol):
     """A KV cache that can describe itself for registration: ``gpu.shm.SharedKVCache`` (CPU path)
     or ``gpu.ipc.CudaKVCacheExport`` (CUDA path)."""
@@ -80,10 +84,131 @@ class Exportable(Protocol):
     def register_request(self, instance_id: str) -> RegisterKVCache: ...
 
 
-class _Session:
-    """What both clients share: the server's facts and the local size check."""
+class Op(Generic[P, ReplyT]):
+    """One client operation: ``build(*args)`` makes its request, the client's ``call`` sends it.
+
+    On an ``AsyncClient`` the operation returns an awaitable of the request's reply type,
+    on a ``BlockingClient`` the reply itself.
+    """
+
+    def __init__(self, build: Callable[P, RequestFor[ReplyT]]) -> None:
+        self.build = build
+        self.name = build.__name__
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, client: None, owner: type) -> Op[P, ReplyT]: ...
+    @overload
+    def __get__(self, client: AsyncClient, owner: type) -> Callable[P, Awaitable[ReplyT]]: ...
+    @overload
+    def __get__(self, client: BlockingClient, owner: type) -> Callable[P, ReplyT]: ...
+    @overload
+    def __get__(self, client: _Client, owner: type) -> Callable[P, Any]: ...
+    def __get__(self, client: _Client | None, owner: type) -> Any:
+        if client is None:
+            return self
+        build = self.build
+        call = client.call
+        operation: Callable[..., Any]
+        if isinstance(client, AsyncClient):
+            # A coroutine function, as a hand-written ``async def`` would be: the request is
+            # built (and its arguments checked) when awaited, not when called.
+            async def operation(*args: Any, **kwargs: Any) -> Any:
+                return await call(build(*args, **kwargs))
+        else:
+
+            def operation(*args: Any, **kwargs: Any) -> Any:
+                return call(build(*args, **kwargs))
+
+        functools.update_wrapper(operation, build)
+        operation.__name__ = operation.__qualname__ = self.name
+        return operation
+
+    def __call__(self, client: _Client, *args: P.args, **kwargs: P.kwargs) -> Any:
+        """``AsyncClient.ping(client)``, as with a plain method looked up on the class."""
+        return self.__get__(client, type(client))(*args, **kwargs)
+
+
+# ---------------------------------------------------------------- request builders
+
+
+def _ping() -> Ping:
+    """Check the server answers."""
+    return Ping()
+
+
+def _register(request: RegisterKVCache) -> RegisterKVCache:
+    """Register a KV cache described by a ready ``RegisterKVCache``."""
+    return request
+
+
+def _register_kv_cache(instance_id: str, kv_cache: Exportable) -> RegisterKVCache:
+    """Register ``kv_cache`` (shared memory or CUDA export) as ``instance_id``."""
+    return kv_cache.register_request(instance_id)
+
+
+def _unregister(instance_id: str) -> UnregisterKVCache:
+    """Forget an instance's KV cache."""
+    return UnregisterKVCache(instance_id)
+
+
+def _store(instance_id: str, key: RequestKey, block_ids: list[int], *, ipc_event: bytes = b"") -> Store:
+    """Copy the KV of ``key``'s full chunks from the instance's ``block_ids`` into the cache."""
+    return Store(instance_id, packed_key(key), block_ids, ipc_event=ipc_event)
+
+
+def _lookup(key: RequestKey) -> Lookup:
+    """How many leading tokens of ``key`` are cached; hits are leased to its request id."""
+    return Lookup(packed_key(key))
+
+
+def _retrieve(
+    instance_id: str,
+    key: RequestKey,
+    block_ids: list[int],
+    skip_first_n_tokens: int = 0,
+    *,
+    ipc_event: bytes = b"",
+) -> Retrieve:
+    """Copy cached chunks of ``key`` into the instance's ``block_ids``."""
+    return Retrieve(instance_id, packed_key(key), block_ids, skip_first_n_tokens, ipc_event=ipc_event)
+
+
+def _release(request_id: str, cache_salt: str = "", start: int = 0, end: int | None = None) -> ReleaseLookup:
+    """Release a request's leases on chunks inside tokens ``[start, end)`` (end None: all)."""
+    return ReleaseLookup(request_id, cache_salt, start, end)
+
+
+def _end_session(request_id: str, cache_salt: str = "") -> EndSession:
+    """End a request's session and release its leases."""
+    return EndSession(request_id, cache_salt)
+
+
+def _clear(cache_salt: str | None = None) -> Clear:
+    """Drop cached chunks of ``cache_salt`` (every salt when None)."""
+    return Clear(cache_salt)
+
+
+def _status() -> Status:
+    """The server's state: usage, instances, tiers."""
+    return Status()
+
+
+class _Client:
+    """What both clients share: the socket, the server's facts, the local size check and the
+    operations. Subclasses supply ``call``."""
 
     hello: HelloOk | None = None
+    call: Callable[..., Any]
+
+    def __init__(self, sock: pynng.Req0, timeout_s: float, *, fail_fast: bool = False) -> None:
+        self._sock = sock
+        self.timeout_s = timeout_s
+        # fail_fast: a call while no connection to the server is up raises ConnectionError at
+        # once instead of waiting out the timeout (nng redials in the background).
+        self.fail_fast = fail_fast
 
     def _encode(self, request: Any) -> bytes:
         buf = encode(request)
@@ -100,16 +225,24 @@ class _Session:
         assert self.hello is not None, "connect first"
         return self.hello.chunk_size
 
+    def close(self) -> None:
+        self._sock.close()
 
-class AsyncClient(_Session):
+    ping = Op(_ping)
+    register = Op(_register)
+    register_kv_cache = Op(_register_kv_cache)
+    unregister = Op(_unregister)
+    store = Op(_store)
+    lookup = Op(_lookup)
+    retrieve = Op(_retrieve)
+    release = Op(_release)
+    end_session = Op(_end_session)
+    clear = Op(_clear)
+    status = Op(_status)
+
+
+class AsyncClient(_Client):
     """A Trio client. Use ``async with await AsyncClient.connect(url) as client:``."""
-
-    def __init__(self, sock: pynng.Req0, timeout_s: float, *, fail_fast: bool = False) -> None:
-        self._sock = sock
-        self.timeout_s = timeout_s
-        # fail_fast: a call while no connection to the server is up raises ConnectionError at
-        # once instead of waiting out the timeout (nng redials in the background).
-        self.fail_fast = fail_fast
 
     @classmethod
     async def connect(
@@ -119,13 +252,19 @@ class AsyncClient(_Session):
         client = cls(_open_socket(url, wait=wait, timeout_s=timeout_s), timeout_s)
         if hello:
             try:
-                client.hello = await client.call(Hello(PROTOCOL_VERSION, "trio_kv.AsyncClient"), HelloOk)
+                client.hello = await client.call(Hello(PROTOCOL_VERSION, "trio_kv.AsyncClient"))
             except BaseException:
                 client.close()
                 raise
         return client
 
-    async def call(self, request: Any, expected: type[T], *, timeout_s: float | None = None) -> T:
+    async def call(
+        self,
+        request: RequestFor[ReplyT],
+        expected: type[ReplyT] | None = None,
+        *,
+        timeout_s: float | None = None,
+    ) -> ReplyT:
         """Send one request and wait for its reply; raises ServerError on an error reply."""
         buf = self._encode(request)
         with trio.fail_after(self.timeout_s if timeout_s is None else timeout_s):
@@ -135,10 +274,7 @@ class AsyncClient(_Session):
                 reply = await ctx.arecv()
             finally:
                 ctx.close()
-        return _unwrap(reply, expected)
-
-    def close(self) -> None:
-        self._sock.close()
+        return _unwrap(reply, _expected(request, expected))
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -146,66 +282,9 @@ class AsyncClient(_Session):
     async def __aexit__(self, *exc_info: object) -> None:
         self.close()
 
-    async def ping(self) -> Pong:
-        return await self.call(Ping(), Pong)
 
-    async def register(self, request: RegisterKVCache) -> Registered:
-        return await self.call(request, Registered)
-
-    async def register_kv_cache(self, instance_id: str, kv_cache: Exportable) -> Registered:
-        return await self.call(kv_cache.register_request(instance_id), Registered)
-
-    async def unregister(self, instance_id: str) -> Unregistered:
-        return await self.call(UnregisterKVCache(instance_id), Unregistered)
-
-    async def store(
-        self, instance_id: str, key: RequestKey, block_ids: list[int], *, ipc_event: bytes = b""
-    ) -> StoreResult:
-        return await self.call(
-            Store(instance_id, packed_key(key), block_ids, ipc_event=ipc_event), StoreResult
-        )
-
-    async def lookup(self, key: RequestKey) -> LookupResult:
-        return await self.call(Lookup(packed_key(key)), LookupResult)
-
-    async def retrieve(
-        self,
-        instance_id: str,
-        key: RequestKey,
-        block_ids: list[int],
-        skip_first_n_tokens: int = 0,
-        *,
-        ipc_event: bytes = b"",
-    ) -> RetrieveResult:
-        return await self.call(
-            Retrieve(instance_id, packed_key(key), block_ids, skip_first_n_tokens, ipc_event=ipc_event),
-            RetrieveResult,
-        )
-
-    async def release(
-        self, request_id: str, cache_salt: str = "", start: int = 0, end: int | None = None
-    ) -> Released:
-        return await self.call(ReleaseLookup(request_id, cache_salt, start, end), Released)
-
-    async def end_session(self, request_id: str, cache_salt: str = "") -> SessionEnded:
-        return await self.call(EndSession(request_id, cache_salt), SessionEnded)
-
-    async def clear(self, cache_salt: str | None = None) -> Cleared:
-        return await self.call(Clear(cache_salt), Cleared)
-
-    async def status(self) -> StatusResult:
-        return await self.call(Status(), StatusResult)
-
-
-class BlockingClient(_Session):
+class BlockingClient(_Client):
     """A blocking client, safe to share between threads (each call uses its own nng context)."""
-
-    def __init__(self, sock: pynng.Req0, timeout_s: float, *, fail_fast: bool = False) -> None:
-        self._sock = sock
-        self.timeout_s = timeout_s
-        # fail_fast: a call while no connection to the server is up raises ConnectionError at
-        # once instead of waiting out the timeout (nng redials in the background).
-        self.fail_fast = fail_fast
 
     @classmethod
     def connect(
@@ -214,13 +293,16 @@ class BlockingClient(_Session):
         client = cls(_open_socket(url, wait=wait, timeout_s=timeout_s), timeout_s)
         if hello:
             try:
-                client.hello = client.call(Hello(PROTOCOL_VERSION, "trio_kv.BlockingClient"), HelloOk)
+                client.hello = client.call(Hello(PROTOCOL_VERSION, "trio_kv.BlockingClient"))
             except BaseException:
                 client.close()
                 raise
         return client
 
-    def call(self, request: Any, expected: type[T]) -> T:
+    def call(self, request: RequestFor[ReplyT], expected: type[ReplyT] | None = None) -> ReplyT:
+        """Send one request and wait for its reply; raises ServerError on an error reply,
+        TimeoutError past ``timeout_s``, ConnectionError at once when ``fail_fast`` and
+        no connection is up."""
         buf = self._encode(request)
         if self.fail_fast and not self._sock.pipes:
             raise ConnectionError("not connected to the trio-kv server (nng is redialling)")
@@ -233,61 +315,10 @@ class BlockingClient(_Session):
                 raise TimeoutError(f"no reply within {self.timeout_s} s") from None
         finally:
             ctx.close()
-        return _unwrap(reply, expected)
-
-    def close(self) -> None:
-        self._sock.close()
+        return _unwrap(reply, _expected(request, expected))
 
     def __enter__(self) -> BlockingClient:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-    def ping(self) -> Pong:
-        return self.call(Ping(), Pong)
-
-    def register(self, request: RegisterKVCache) -> Registered:
-        return self.call(request, Registered)
-
-    def register_kv_cache(self, instance_id: str, kv_cache: Exportable) -> Registered:
-        return self.call(kv_cache.register_request(instance_id), Registered)
-
-    def unregister(self, instance_id: str) -> Unregistered:
-        return self.call(UnregisterKVCache(instance_id), Unregistered)
-
-    def store(
-        self, instance_id: str, key: RequestKey, block_ids: list[int], *, ipc_event: bytes = b""
-    ) -> StoreResult:
-        return self.call(Store(instance_id, packed_key(key), block_ids, ipc_event=ipc_event), StoreResult)
-
-    def lookup(self, key: RequestKey) -> LookupResult:
-        return self.call(Lookup(packed_key(key)), LookupResult)
-
-    def retrieve(
-        self,
-        instance_id: str,
-        key: RequestKey,
-        block_ids: list[int],
-        skip_first_n_tokens: int = 0,
-        *,
-        ipc_event: bytes = b"",
-    ) -> RetrieveResult:
-        return self.call(
-            Retrieve(instance_id, packed_key(key), block_ids, skip_first_n_tokens, ipc_event=ipc_event),
-            RetrieveResult,
-        )
-
-    def release(
-        self, request_id: str, cache_salt: str = "", start: int = 0, end: int | None = None
-    ) -> Released:
-        return self.call(ReleaseLookup(request_id, cache_salt, start, end), Released)
-
-    def end_session(self, request_id: str, cache_salt: str = "") -> SessionEnded:
-        return self.call(EndSession(request_id, cache_salt), SessionEnded)
-
-    def clear(self, cache_salt: str | None = None) -> Cleared:
-        return self.call(Clear(cache_salt), Cleared)
-
-    def status(self) -> StatusResult:
-        return self.call(Status(), StatusResult)

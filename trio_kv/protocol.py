@@ -2,11 +2,15 @@
 
 Every message is one msgpack array whose first element is the kind tag. New
 fields are only ever appended, with defaults, so older peers keep working.
+
+Each request class names its reply type once, as its base: ``class Ping(RequestFor[Pong])``.
+Type checkers read it from there (``client.call(Ping())`` is a ``Pong``); at runtime
+``reply_type(Ping)`` (the ``REPLY_OF`` table) does.
 """
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any, Generic, TypeVar, Union, get_args, get_origin
 
 import msgspec
 
@@ -27,137 +31,6 @@ class AdapterUsage(msgspec.Struct, frozen=True):
 
 class _Message(msgspec.Struct, array_like=True, tag_field="kind", omit_defaults=False):
     pass
-
-
-# ---------------------------------------------------------------- requests
-
-
-class Hello(_Message, tag="hello"):
-    protocol_version: int
-    client_name: str = ""
-
-
-class Ping(_Message, tag="ping"):
-    pass
-
-
-class TensorSpec(msgspec.Struct, array_like=True, frozen=True):
-    """One KV tensor inside a registered region.
-
-    ``offset`` is in bytes from the region start; ``strides`` are in elements,
-    as torch reports them; ``block_dim`` is the dimension that indexes blocks.
-    """
-
-    offset: int
-    dtype: str
-    shape: list[int]
-    strides: list[int]
-    block_dim: int
-
-
-class CudaAllocation(msgspec.Struct, array_like=True, frozen=True):
-    """One device allocation the engine exports: ``cuIpcGetMemHandle`` bytes of its base."""
-
-    handle: bytes  # CU_IPC_HANDLE_SIZE (64) bytes
-    size: int  # bytes from the allocation base that the tensors may reach
-
-
-class CudaRegistration(msgspec.Struct, array_like=True, frozen=True):
-    """Where a CUDA KV cache lives: ``tensors[i]`` is in ``allocations[tensor_allocations[i]]``,
-    at ``TensorSpec.offset`` bytes from its base. ``event_handle`` is an interprocess event the
-    engine records before each store or retrieve (used when a request carries none)."""
-
-    device_uuid: bytes  # 16 bytes, as cuDeviceGetUuid reports
-    allocations: list[CudaAllocation]
-    tensor_allocations: list[int]
-    event_handle: bytes = b""
-
-
-class RegisterKVCache(_Message, tag="register"):
-    """Register an engine's KV cache. On the CPU path the tensors live in one shared-memory file;
-    on the CUDA path (``cuda`` set, ``shm_path`` empty) in device allocations shared by IPC handles."""
-
-    instance_id: str
-    block_size: int  # tokens per block
-    tensors: list[TensorSpec]
-    shm_path: str
-    shm_bytes: int
-    cuda: CudaRegistration | None = None
-
-
-class UnregisterKVCache(_Message, tag="unregister"):
-    instance_id: str
-
-
-class Store(_Message, tag="store"):
-    """Copy the KV of ``key``'s full chunks from the instance's blocks into the cache.
-
-    ``block_ids[j]`` holds tokens ``[j*block_size, (j+1)*block_size)`` of the
-    prompt. Chunks that start before ``key.start`` are not stored.
-    """
-
-    instance_id: str
-    key: RequestKey
-    block_ids: list[int]
-    ipc_event: bytes = b""  # CUDA path: interprocess event handle to wait on before reading the blocks
-
-
-class Lookup(_Message, tag="lookup"):
-    """How many leading tokens of ``key`` are held? Hits are leased to the request id."""
-
-    key: RequestKey
-
-
-class Retrieve(_Message, tag="retrieve"):
-    """Copy cached chunks into the instance's blocks, leaving tokens before
-    ``max(key.start, skip_first_n_tokens)`` untouched."""
-
-    instance_id: str
-    key: RequestKey
-    block_ids: list[int]
-    skip_first_n_tokens: int = 0
-    ipc_event: bytes = b""  # CUDA path: interprocess event handle to wait on before writing the blocks
-
-
-class ReleaseLookup(_Message, tag="release"):
-    """Release a request's leases on chunks inside tokens ``[start, end)`` (end None: all)."""
-
-    request_id: str
-    cache_salt: str = ""
-    start: int = 0
-    end: int | None = None
-
-
-class EndSession(_Message, tag="end_session"):
-    request_id: str
-    cache_salt: str = ""
-
-
-class Clear(_Message, tag="clear"):
-    """Drop cached chunks: every salt when ``cache_salt`` is None; L2 objects too with ``include_l2``."""
-
-    cache_salt: str | None = None
-    include_l2: bool = False
-
-
-class Status(_Message, tag="status"):
-    pass
-
-
-Request = Union[
-    Hello,
-    Ping,
-    RegisterKVCache,
-    UnregisterKVCache,
-    Store,
-    Lookup,
-    Retrieve,
-    ReleaseLookup,
-    EndSession,
-    Clear,
-    Status,
-]
-REQUEST_KINDS = frozenset(t.__struct_config__.tag for t in Request.__args__)  # type: ignore[attr-defined]
 
 
 # ---------------------------------------------------------------- replies
@@ -295,6 +168,164 @@ Reply = Union[
     StatusResult,
     Error,
 ]
+
+# ---------------------------------------------------------------- requests
+
+ReplyT = TypeVar("ReplyT", bound=_Message)
+
+
+class RequestFor(_Message, Generic[ReplyT]):
+    """A request whose successful reply is a ``ReplyT`` (any request may also get an ``Error``).
+
+    The type parameter is not a field, so it changes nothing on the wire."""
+
+
+class Hello(RequestFor[HelloOk], tag="hello"):
+    protocol_version: int
+    client_name: str = ""
+
+
+class Ping(RequestFor[Pong], tag="ping"):
+    pass
+
+
+class TensorSpec(msgspec.Struct, array_like=True, frozen=True):
+    """One KV tensor inside a registered region.
+
+    ``offset`` is in bytes from the region start; ``strides`` are in elements,
+    as torch reports them; ``block_dim`` is the dimension that indexes blocks.
+    """
+
+    offset: int
+    dtype: str
+    shape: list[int]
+    strides: list[int]
+    block_dim: int
+
+
+class CudaAllocation(msgspec.Struct, array_like=True, frozen=True):
+    """One device allocation the engine exports: ``cuIpcGetMemHandle`` bytes of its base."""
+
+    handle: bytes  # CU_IPC_HANDLE_SIZE (64) bytes
+    size: int  # bytes from the allocation base that the tensors may reach
+
+
+class CudaRegistration(msgspec.Struct, array_like=True, frozen=True):
+    """Where a CUDA KV cache lives: ``tensors[i]`` is in ``allocations[tensor_allocations[i]]``,
+    at ``TensorSpec.offset`` bytes from its base. ``event_handle`` is an interprocess event the
+    engine records before each store or retrieve (used when a request carries none)."""
+
+    device_uuid: bytes  # 16 bytes, as cuDeviceGetUuid reports
+    allocations: list[CudaAllocation]
+    tensor_allocations: list[int]
+    event_handle: bytes = b""
+
+
+class RegisterKVCache(RequestFor[Registered], tag="register"):
+    """Register an engine's KV cache. On the CPU path the tensors live in one shared-memory file;
+    on the CUDA path (``cuda`` set, ``shm_path`` empty) in device allocations shared by IPC handles."""
+
+    instance_id: str
+    block_size: int  # tokens per block
+    tensors: list[TensorSpec]
+    shm_path: str
+    shm_bytes: int
+    cuda: CudaRegistration | None = None
+
+
+class UnregisterKVCache(RequestFor[Unregistered], tag="unregister"):
+    instance_id: str
+
+
+class Store(RequestFor[StoreResult], tag="store"):
+    """Copy the KV of ``key``'s full chunks from the instance's blocks into the cache.
+
+    ``block_ids[j]`` holds tokens ``[j*block_size, (j+1)*block_size)`` of the
+    prompt. Chunks that start before ``key.start`` are not stored.
+    """
+
+    instance_id: str
+    key: RequestKey
+    block_ids: list[int]
+    ipc_event: bytes = b""  # CUDA path: interprocess event handle to wait on before reading the blocks
+
+
+class Lookup(RequestFor[LookupResult], tag="lookup"):
+    """How many leading tokens of ``key`` are held? Hits are leased to the request id."""
+
+    key: RequestKey
+
+
+class Retrieve(RequestFor[RetrieveResult], tag="retrieve"):
+    """Copy cached chunks into the instance's blocks, leaving tokens before
+    ``max(key.start, skip_first_n_tokens)`` untouched."""
+
+    instance_id: str
+    key: RequestKey
+    block_ids: list[int]
+    skip_first_n_tokens: int = 0
+    ipc_event: bytes = b""  # CUDA path: interprocess event handle to wait on before writing the blocks
+
+
+class ReleaseLookup(RequestFor[Released], tag="release"):
+    """Release a request's leases on chunks inside tokens ``[start, end)`` (end None: all)."""
+
+    request_id: str
+    cache_salt: str = ""
+    start: int = 0
+    end: int | None = None
+
+
+class EndSession(RequestFor[SessionEnded], tag="end_session"):
+    request_id: str
+    cache_salt: str = ""
+
+
+class Clear(RequestFor[Cleared], tag="clear"):
+    """Drop cached chunks: every salt when ``cache_salt`` is None; L2 objects too with ``include_l2``."""
+
+    cache_salt: str | None = None
+    include_l2: bool = False
+
+
+class Status(RequestFor[StatusResult], tag="status"):
+    pass
+
+
+Request = Union[
+    Hello,
+    Ping,
+    RegisterKVCache,
+    UnregisterKVCache,
+    Store,
+    Lookup,
+    Retrieve,
+    ReleaseLookup,
+    EndSession,
+    Clear,
+    Status,
+]
+REQUEST_KINDS = frozenset(t.__struct_config__.tag for t in get_args(Request))
+
+
+def _declared_reply(request_type: type) -> type[_Message]:
+    """The ``ReplyT`` of the ``RequestFor[ReplyT]`` that ``request_type`` derives from."""
+    for cls in request_type.__mro__:
+        for base in getattr(cls, "__orig_bases__", ()):
+            if get_origin(base) is RequestFor:
+                reply: type[_Message] = get_args(base)[0]
+                return reply
+    raise TypeError(f"{request_type.__name__} does not derive from RequestFor[<reply type>]")
+
+
+# Built once from the classes: request type -> the reply type it declares.
+REPLY_OF: dict[type, type[_Message]] = {request: _declared_reply(request) for request in get_args(Request)}
+
+
+def reply_type(request_type: type[RequestFor[ReplyT]]) -> type[ReplyT]:
+    """The reply type a request type declares, e.g. ``reply_type(Ping) is Pong``."""
+    return REPLY_OF[request_type]  # type: ignore[return-value]
+
 
 _encoder = msgspec.msgpack.Encoder()
 _request_decoder = msgspec.msgpack.Decoder(Request)

@@ -3,7 +3,7 @@
     export = CudaKVCacheExport.from_tensors(kv_caches, block_dim=1, block_size=16)
     client.register(export.register_request("worker-0"))
     ...  # after the forward pass that wrote the blocks, on the stream that wrote them:
-    client.call(Store(..., ipc_event=export.record_event()), StoreResult)
+    client.call(Store(..., ipc_event=export.record_event()))  # -> StoreResult
 
 Each tensor's allocation is found with ``cuMemGetAddressRange`` (for PyTorch's
 caching allocator, the ``cudaMalloc`` segment holding it) and exported with

@@ -13,8 +13,6 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
 
 import pynng
 import trio
@@ -49,6 +47,7 @@ from ..protocol import (
 from ..transfer import arena_pinner, select_backend
 from .admin import AdminApp, start_admin
 from .config import ServerConfig
+from .dispatch import Dispatcher, asynchronous
 from .metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -143,20 +142,21 @@ class Server:
         self._sockets: list[pynng.Rep0] = []
         self._socket_files: list[str] = []
         self._cancel_scope: trio.CancelScope | None = None
-        handlers: dict[type, Callable[[Any], Awaitable[Any] | Any]] = {
-            Hello: self._hello,
-            Ping: lambda _: Pong(),
-            RegisterKVCache: self.engine.register,
-            UnregisterKVCache: self.engine.unregister,
-            Store: self.engine.store,
-            Lookup: self.engine.lookup,
-            Retrieve: self.engine.retrieve,
-            ReleaseLookup: self.engine.release,
-            EndSession: self.engine.end_session,
-            Clear: self.engine.clear,
-            Status: lambda _: self.engine.status(),
-        }
-        self._handlers = handlers
+        self.dispatch = Dispatcher(
+            {
+                Hello: asynchronous(self._hello),
+                Ping: asynchronous(lambda _: Pong()),
+                RegisterKVCache: asynchronous(self.engine.register),
+                UnregisterKVCache: asynchronous(self.engine.unregister),
+                Store: self.engine.store,
+                Lookup: self.engine.lookup,
+                Retrieve: self.engine.retrieve,
+                ReleaseLookup: asynchronous(self.engine.release),
+                EndSession: asynchronous(self.engine.end_session),
+                Clear: self.engine.clear,
+                Status: asynchronous(lambda _: self.engine.status()),
+            }
+        )
 
     @property
     def urls(self) -> list[str]:
@@ -289,11 +289,8 @@ class Server:
             if self.draining:
                 raise TrioKVError(ErrorCode.SHUTTING_DOWN, "the server is shutting down")
             request = decode_request(buf, self.config.max_message_bytes)
-            handler = self._handlers[type(request)]
             with trio.fail_after(self.config.request_timeout_s):
-                reply = handler(request)
-                if isinstance(reply, Awaitable):
-                    reply = await reply
+                reply = await self.dispatch(request)
         except TrioKVError as exc:
             reply = error_reply(exc)
         except trio.TooSlowError:

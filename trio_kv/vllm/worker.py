@@ -26,7 +26,7 @@ import threading
 from collections.abc import Iterable, Mapping
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 import msgspec
 import torch
@@ -34,7 +34,16 @@ import torch
 from ..client import BlockingClient
 from ..errors import ErrorCode, TrioKVError
 from ..keys import RequestKey
-from ..protocol import Registered, RegisterKVCache, Retrieve, RetrieveResult, Store, StoreResult
+from ..protocol import (
+    Registered,
+    RegisterKVCache,
+    ReplyT,
+    RequestFor,
+    Retrieve,
+    RetrieveResult,
+    Store,
+    StoreResult,
+)
 from .background import BackgroundCalls
 from .config import ConnectorConfig
 from .connection import check_chunk_size, connect
@@ -60,7 +69,6 @@ class IpcEvents(Protocol):
 
 
 log = logging.getLogger("trio_kv.vllm")
-T = TypeVar("T")
 
 
 class WorkerStats(msgspec.Struct):
@@ -339,7 +347,7 @@ class WorkerLogic:
             with self._lock:
                 self._stores[plan.request_id].pending -= 1
 
-    def _call(self, client: BlockingClient, request: Store | Retrieve, expected: type[T]) -> T:
+    def _call(self, client: BlockingClient, request: RequestFor[ReplyT], expected: type[ReplyT]) -> ReplyT:
         """``client.call``; a server that no longer knows our KV cache (it restarted) gets the
         registration again and the request once more."""
         try:
