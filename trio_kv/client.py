@@ -78,8 +78,8 @@ def _expected(request: RequestFor[ReplyT], expected: type[ReplyT] | None) -> typ
 
 
 class Exportable(Protocol):
-    """A KV cache that can describe itself for registration: ``gpu.shm.SharedKVCache`` (CPU path)
-    or ``gpu.ipc.CudaKVCacheExport`` (CUDA path)."""
+    """A KV cache that can describe itself for registration: ``export.shm.SharedKVCache`` (CPU path)
+    or ``export.ipc.CudaKVCacheExport`` (CUDA path)."""
 
     def register_request(self, instance_id: str) -> RegisterKVCache: ...
 
