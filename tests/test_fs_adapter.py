@@ -139,6 +139,18 @@ async def test_a_buffer_of_another_size_is_a_miss_and_the_file_is_removed(tmp_pa
     assert tier.ledger.total == 0
 
 
+async def test_the_adapter_alone_does_plain_io_and_keeps_no_books(tmp_path):
+    adapter = FsAdapter(str(tmp_path))
+    await adapter.put(key(1), payload(1))
+    await adapter.put(key(1), payload(2))  # no ledger to refuse it: the file is replaced
+    target = buffer()
+    assert await adapter.get_into(key(1), target)
+    assert bytes(target) == bytes(payload(2))
+    assert [found async for found in adapter.scan()] == [(key(1), SIZE)]
+    await adapter.delete([key(1), key(2)])
+    assert await adapter.contains([key(1)]) == [False]
+
+
 # ------------------------------------------------------------ invalid files
 
 

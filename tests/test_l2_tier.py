@@ -241,6 +241,7 @@ async def test_an_unavailable_recovery_scan_runs_once_the_store_is_available():
         await nursery.start(tier.run)  # starts although the scan could not run
         assert not tier.recovered.is_set() and tier.ledger.total == 0
         adapter.reachable.set()
-        await tier.recovered.wait()
+        with trio.fail_after(5):
+            await tier.recovered.wait()
         assert tier.usage().bytes_by_salt == {"a": 10}
         nursery.cancel_scope.cancel()
