@@ -81,7 +81,7 @@ async def test_healthz_is_ok_when_every_tier_is_healthy(mock_server):
 
 
 async def test_healthz_is_503_with_the_reasons_when_a_tier_is_unhealthy(mock_server):
-    adapter = mock_server.server.adapters[0]
+    adapter = mock_server.server.l2_tiers[0].adapter
     adapter.health = lambda: AdapterHealth(healthy=False, state="breaker-open", reason="5 failures")  # type: ignore[method-assign]
     response = await admin_request(mock_server, "GET", "/healthz")
     assert response.status == 503
@@ -199,7 +199,7 @@ async def test_clear_with_include_l2_deletes_l2_objects_too(mock_server, kv):
         await client.register_kv_cache("w", kv)
         await store(client, 2)
         await trio.testing.wait_all_tasks_blocked()  # write-behind done
-        adapter = mock_server.server.adapters[0]
+        adapter = mock_server.server.l2_tiers[0].adapter
         assert len(adapter.objects) == 2
         l1_bytes = mock_server.engine.l1.ledger.total
         response = await admin_request(
@@ -265,13 +265,13 @@ async def test_get_of_a_salt_returns_its_usage_in_every_tier(mock_server, kv):
         await trio.testing.wait_all_tasks_blocked()  # write-behind done
     await admin_request(mock_server, "PUT", "/v1/quota/tenant-a", {"l1": "8MiB"})
     answer = (await admin_request(mock_server, "GET", "/v1/quota/tenant-a")).json()
-    adapter = mock_server.server.adapters[0]
+    l2 = mock_server.server.l2_tiers[0]
     assert answer == {
         "salt": "tenant-a",
         "quota": {"l1": 8 * 1024**2},
         "usage": {
             "l1": mock_server.engine.l1.ledger.salt_bytes("tenant-a"),
-            "mock": adapter.ledger.salt_bytes("tenant-a"),
+            "mock": l2.ledger.salt_bytes("tenant-a"),
         },
     }
     assert answer["usage"]["mock"] == 2 * 2 * len(kv.block_bytes(0))

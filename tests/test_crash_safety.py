@@ -36,6 +36,7 @@ from trio_kv.adapters import codec, fs_format
 from trio_kv.adapters.fs import FsAdapter
 from trio_kv.adapters.fs_io import TEMP_PREFIX
 from trio_kv.client import AsyncClient
+from trio_kv.core.l2_tier import L2Tier
 from trio_kv.export.shm import SharedKVCache
 from trio_kv.keys import ObjectKey
 
@@ -272,37 +273,39 @@ def object_payload(key: ObjectKey) -> bytes:
     return random.Random(key.chunk_hash).randbytes(PAYLOAD)
 
 
-async def store_two_and_tear_one(root: Path, cut: str) -> tuple[FsAdapter, ObjectKey, ObjectKey, Path]:
-    """Store two objects and cut the first one's file at ``cut``. Returns the adapter,
+async def store_two_and_tear_one(
+    root: Path, cut: str
+) -> tuple[L2Tier[FsAdapter], ObjectKey, ObjectKey, Path]:
+    """Store two objects and cut the first one's file at ``cut``. Returns the tier,
     the torn key, the intact key and the torn file."""
-    adapter = FsAdapter(str(root))
-    adapter.segment_size = SEGMENT
+    tier = L2Tier(FsAdapter(str(root)))
+    tier.adapter.segment_size = SEGMENT
     torn_key, intact_key = (ObjectKey("m", 1, 0, bytes([n]) * 16, "t") for n in (1, 2))
     for key in (torn_key, intact_key):
-        await adapter.put(key, memoryview(object_payload(key)))
-    path = Path(adapter.path_of(torn_key))
+        await tier.put(key, memoryview(object_payload(key)))
+    path = Path(tier.adapter.path_of(torn_key))
     tear(path, cut)
-    return adapter, torn_key, intact_key, path
+    return tier, torn_key, intact_key, path
 
 
 @pytest.mark.parametrize("cut", CUTS)
 async def test_a_torn_object_file_is_a_miss_when_read_and_is_removed(tmp_path, cut):
-    adapter, torn_key, intact_key, path = await store_two_and_tear_one(tmp_path, cut)
-    assert not await adapter.get_into(torn_key, memoryview(bytearray(PAYLOAD)))
+    tier, torn_key, intact_key, path = await store_two_and_tear_one(tmp_path, cut)
+    assert not await tier.get_into(torn_key, memoryview(bytearray(PAYLOAD)))
     assert not path.exists()
-    assert adapter.invalid_removed == 1
-    assert adapter.usage().total_bytes_used == PAYLOAD  # the intact object only
+    assert tier.adapter.invalid_removed == 1
+    assert tier.usage().total_bytes_used == PAYLOAD  # the intact object only
     target = bytearray(PAYLOAD)
-    assert await adapter.get_into(intact_key, memoryview(target))
+    assert await tier.get_into(intact_key, memoryview(target))
     assert bytes(target) == object_payload(intact_key)
 
 
 @pytest.mark.parametrize("cut", CUTS)
 async def test_a_torn_object_file_is_removed_by_the_recovery_scan(tmp_path, cut):
     _, _, intact_key, path = await store_two_and_tear_one(tmp_path, cut)
-    restarted = FsAdapter(str(tmp_path))
+    restarted = L2Tier(FsAdapter(str(tmp_path)))
     assert await restarted.recover() == 1
     assert not path.exists()
-    assert restarted.invalid_removed == 1
+    assert restarted.adapter.invalid_removed == 1
     assert list(restarted.ledger.least_recent()) == [intact_key]
     assert restarted.usage().total_bytes_used == PAYLOAD

@@ -204,11 +204,11 @@ async def test_l2_evictions_are_counted_per_tier(kv):
         async with await connect(running, kv) as client:
             await client.store("w", RequestKey("m", 1, 0, tokens(4)), blocks(4))
             await trio.testing.wait_all_tasks_blocked()
-        adapter = running.server.adapters[0]
+        l2 = running.server.l2_tiers[0]
         metrics = await scrape(running)
-    assert adapter.evictions >= 2  # 4 chunks of 16 KiB into 32 KiB
-    assert adapter.evictions_by_reason == {"watermark": adapter.evictions}
-    assert metrics.value("trio_kv_evictions_total", tier="mock", reason="watermark") == adapter.evictions
+    assert l2.evictions >= 2  # 4 chunks of 16 KiB into 32 KiB
+    assert l2.evictions_by_reason == {"watermark": l2.evictions}
+    assert metrics.value("trio_kv_evictions_total", tier="mock", reason="watermark") == l2.evictions
 
 
 async def test_l2_quota_evictions_have_their_own_reason(kv):
@@ -217,12 +217,12 @@ async def test_l2_quota_evictions_have_their_own_reason(kv):
         async with await connect(running, kv) as client:
             await client.store("w", RequestKey("m", 1, 0, tokens(4)), blocks(4))
             await trio.testing.wait_all_tasks_blocked()
-        adapter = running.server.adapters[0]
+        l2 = running.server.l2_tiers[0]
         metrics = await scrape(running)
         status = (await admin_request(running, "GET", "/v1/status")).json()
-    assert adapter.evictions_by_reason["quota"] >= 2  # 4 chunks of 16 KiB under a 32 KiB quota
-    assert status["l2"][0]["evictions_by_reason"] == {"quota": adapter.evictions}
-    assert metrics.value("trio_kv_evictions_total", tier="mock", reason="quota") == adapter.evictions
+    assert l2.evictions_by_reason["quota"] >= 2  # 4 chunks of 16 KiB under a 32 KiB quota
+    assert status["l2"][0]["evictions_by_reason"] == {"quota": l2.evictions}
+    assert metrics.value("trio_kv_evictions_total", tier="mock", reason="quota") == l2.evictions
 
 
 # ---------------------------------------------------------------- write-behind, errors, health
@@ -230,14 +230,14 @@ async def test_l2_quota_evictions_have_their_own_reason(kv):
 
 async def test_a_full_write_behind_queue_drops_and_counts(kv):
     async with running_server(chunk_size=CHUNK_SIZE, l2=["mock:"], l2_queue_size=1, l2_writers=1) as running:
-        adapter = running.server.adapters[0]
-        adapter.stall("put")
+        l2 = running.server.l2_tiers[0]
+        l2.adapter.stall("put")
         async with await connect(running, kv) as client:
             await client.store("w", RequestKey("m", 1, 0, tokens(4)), blocks(4))
             await trio.testing.wait_all_tasks_blocked()
-            counters = running.server.tiering.counters(adapter)
+            counters = running.server.tiering.counters(l2)
             metrics = await scrape(running)
-            adapter.unstall()
+            l2.adapter.unstall()
     assert counters.dropped > 0
     assert metrics.value("trio_kv_l2_queue_dropped_total", tier="mock") == counters.dropped
     assert (
@@ -246,7 +246,7 @@ async def test_a_full_write_behind_queue_drops_and_counts(kv):
 
 
 async def test_failed_writes_are_adapter_errors(mock_server, kv):
-    adapter = mock_server.server.adapters[0]
+    adapter = mock_server.server.l2_tiers[0].adapter
     adapter.fail_rate = 1.0
     adapter.fail_ops = ("put",)
     async with await connect(mock_server, kv) as client:
@@ -259,7 +259,7 @@ async def test_failed_writes_are_adapter_errors(mock_server, kv):
 
 
 async def test_breaker_state_and_health_follow_the_adapter(mock_server):
-    adapter = mock_server.server.adapters[0]
+    adapter = mock_server.server.l2_tiers[0].adapter
     metrics = await scrape(mock_server)
     assert metrics.value("trio_kv_l2_breaker_open", tier="mock") == 0
     assert metrics.value("trio_kv_l2_healthy", tier="mock") == 1

@@ -15,6 +15,7 @@ import trio.testing
 from trio_kv.adapters import MockAdapter
 from trio_kv.core.engine import CacheEngine, EngineSettings
 from trio_kv.core.l1 import L1Store
+from trio_kv.core.l2_tier import L2Tier
 from trio_kv.core.tiering import Tiering, TieringSettings
 from trio_kv.keys import ObjectKey, RequestKey, chunk_hashes
 from trio_kv.protocol import Clear, Lookup, Retrieve, Store
@@ -37,9 +38,10 @@ def chunk_bytes(kv) -> int:
 
 
 class Rig:
-    def __init__(self, engine: CacheEngine, adapters: list[MockAdapter], kv) -> None:
+    def __init__(self, engine: CacheEngine, l2_tiers: list[L2Tier[MockAdapter]], kv) -> None:
         self.engine = engine
-        self.adapters = adapters
+        self.l2_tiers = l2_tiers
+        self.adapters = [t.adapter for t in l2_tiers]  # to inject faults and look at objects
         self.kv = kv
         self.l1 = engine.l1
         self.tiering = engine.tiering
@@ -61,21 +63,21 @@ class Rig:
         assert self.engine.audit() == []
         if not leases_allowed:
             assert len(self.engine.leases) == 0
-        assert all(a.pinned() == 0 for a in self.adapters)
+        assert all(t.pinned() == 0 for t in self.l2_tiers)
 
 
 @asynccontextmanager
 async def rig(kv, n_adapters=1, *, l1_bytes=8 << 20, adapter_kwargs=None, faults=None, **settings):
-    adapters = [MockAdapter(f"mock{i}", **(adapter_kwargs or {})) for i in range(n_adapters)]
+    l2_tiers = [L2Tier(MockAdapter(f"mock{i}", **(adapter_kwargs or {}))) for i in range(n_adapters)]
     l1 = L1Store(l1_bytes)
-    tiering = Tiering(l1, adapters, TieringSettings(**settings))
+    tiering = Tiering(l1, l2_tiers, TieringSettings(**settings))
     engine = CacheEngine(EngineSettings(chunk_size=CHUNK), l1, CpuTransfer(), tiering=tiering, faults=faults)
     engine.register(kv.register_request("w"))
     async with trio.open_nursery() as nursery:
-        for adapter in adapters:
-            await nursery.start(adapter.run)
+        for l2 in l2_tiers:
+            await nursery.start(l2.run)
         await nursery.start(tiering.run)
-        yield Rig(engine, adapters, kv)
+        yield Rig(engine, l2_tiers, kv)
         nursery.cancel_scope.cancel()
 
 
@@ -83,11 +85,11 @@ async def test_stored_chunks_are_written_behind_to_every_adapter(kv):
     async with rig(kv, 2) as r:
         await r.store()
         await trio.testing.wait_all_tasks_blocked()
-        for adapter in r.adapters:
-            assert set(adapter.objects) == set(r.object_keys(4))
-            assert adapter.ledger.total == 4 * chunk_bytes(kv)
+        for l2 in r.l2_tiers:
+            assert set(l2.adapter.objects) == set(r.object_keys(4))
+            assert l2.ledger.total == 4 * chunk_bytes(kv)
             for key in r.object_keys(4):
-                assert adapter.objects[key] == bytes(r.l1.buffer(r.l1.get_ready(key)))
+                assert l2.adapter.objects[key] == bytes(r.l1.buffer(r.l1.get_ready(key)))
         r.assert_clean()
 
 
@@ -128,7 +130,7 @@ async def test_adapters_combine_and_the_first_in_order_serves(kv):
         keys = r.object_keys(4)
         for key in keys[2:]:
             del first.objects[key]  # first holds chunks 0-1, second holds 0-3
-        first.ledger.remove(keys[2:])
+        r.l2_tiers[0].ledger.remove(keys[2:])
         r.clear_l1()
         first.calls.clear()
         second.calls.clear()
@@ -165,7 +167,7 @@ async def test_a_full_queue_drops_and_counts_without_delaying_the_store(kv):
         adapter.stall()
         result = await r.store()  # returns although the adapter is stuck
         assert result.stored == 4
-        counters = r.tiering.counters(adapter)
+        counters = r.tiering.counters(r.l2_tiers[0])
         await trio.testing.wait_all_tasks_blocked()
         # One chunk in the writer's hands, one in the queue, two dropped.
         assert (counters.queued, counters.dropped) == (2, 2)
@@ -181,9 +183,9 @@ async def test_write_failures_are_counted_and_harmless(kv):
     async with rig(kv, adapter_kwargs={"fail_rate": 1.0}) as r:
         await r.store()
         await trio.testing.wait_all_tasks_blocked()
-        counters = r.tiering.counters(r.adapters[0])
+        counters = r.tiering.counters(r.l2_tiers[0])
         assert counters.write_failures == 4
-        assert r.adapters[0].ledger.total == 0
+        assert r.l2_tiers[0].ledger.total == 0
         assert (await r.lookup()).hit_tokens == 4 * CHUNK  # L1 still serves
         r.assert_clean()
 
@@ -197,7 +199,7 @@ async def test_chunks_evicted_before_their_turn_are_skipped(kv):
         r.clear_l1()  # three queued chunks lose their L1 copy; one is pinned by its writer
         adapter.unstall()
         await trio.testing.wait_all_tasks_blocked()
-        counters = r.tiering.counters(adapter)
+        counters = r.tiering.counters(r.l2_tiers[0])
         assert counters.skipped_evicted == 3
         assert counters.written == 1
         r.assert_clean()
@@ -218,7 +220,7 @@ async def test_a_chunk_evicted_while_its_writer_waits_for_a_slot_is_not_written(
         await r.store(third, [4, 5])  # may reuse the second chunk's bytes
         adapter.unstall()
         await trio.testing.wait_all_tasks_blocked()
-        counters = r.tiering.counters(adapter)
+        counters = r.tiering.counters(r.l2_tiers[0])
         assert second_key not in adapter.objects
         assert counters.skipped_evicted >= 1
         assert r.object_keys(1, third)[0] in adapter.objects
@@ -248,7 +250,7 @@ async def test_a_failed_load_is_a_miss_and_frees_its_reservation(kv):
         found = await r.lookup()
         assert found.hit_tokens == 0
         assert len(r.l1) == 0
-        assert r.tiering.counters(r.adapters[0]).load_failures == 4
+        assert r.tiering.counters(r.l2_tiers[0]).load_failures == 4
         r.assert_clean()
 
 
@@ -269,7 +271,7 @@ async def test_a_lookup_cancelled_while_loading_hands_its_loads_over_and_leaks_n
         await trio.testing.wait_all_tasks_blocked()
         # They arrived late: kept as ordinary cached chunks, leased to nobody.
         assert all(e.state.value == "ready" and not e.pinned for e in r.l1.entries())
-        assert r.tiering.counters(r.adapters[0]).load_timeouts == 4
+        assert r.tiering.counters(r.l2_tiers[0]).load_timeouts == 4
         r.assert_clean(leases_allowed=False)
 
 
@@ -296,7 +298,7 @@ async def test_a_hung_put_is_abandoned_at_the_deadline_and_unpins_when_it_return
         adapter.stall("put")
         await r.store()
         await trio.sleep(11)  # two puts time out in turn; their slots stay taken
-        counters = r.tiering.counters(adapter)
+        counters = r.tiering.counters(r.l2_tiers[0])
         assert counters.write_timeouts == 2
         # Only the hung puts pin L1; the writer waits for a slot instead of pinning more.
         assert sum(1 for e in r.l1.entries() if e.readers) == 2
@@ -347,7 +349,7 @@ async def test_clear_with_l2_deletes_the_salts_objects_everywhere(kv):
         cleared = await r.engine.clear(Clear("a", include_l2=True))
         assert cleared.l2_objects_deleted == 4
         assert {k.cache_salt for k in r.adapters[0].objects} == {"b"}
-        assert r.adapters[0].usage().bytes_by_salt == {"b": 4 * chunk_bytes(kv)}
+        assert r.l2_tiers[0].usage().bytes_by_salt == {"b": 4 * chunk_bytes(kv)}
         r.assert_clean()
 
 

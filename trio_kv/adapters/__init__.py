@@ -1,10 +1,11 @@
 """L2 adapters: where chunks go when they leave (or outlive) L1.
 
-``base.L2Adapter`` is the interface; ``mock`` keeps objects in memory for tests;
-``fs`` and ``s3`` are the real tiers.
+``base.L2Adapter`` is the interface (pure I/O; the ledger, pins, quotas and eviction
+live in ``core.l2_tier``); ``mock`` keeps objects in memory for tests; ``fs`` and
+``s3`` are the real stores.
 """
 
-from .base import AdapterError, AdapterHealth, L2Adapter
+from .base import AdapterError, AdapterHealth, L2Adapter, Unavailable
 from .mock import MockAdapter
 
-__all__ = ["AdapterError", "AdapterHealth", "L2Adapter", "MockAdapter"]
+__all__ = ["AdapterError", "AdapterHealth", "L2Adapter", "MockAdapter", "Unavailable"]

@@ -24,7 +24,7 @@
 * **O_DIRECT** (optional, ``fs_io.FileOpener``) moves bytes through an aligned
   per-thread bounce buffer; a filesystem that refuses it turns it off with one warning.
 
-The ledger counts payload bytes; each file also holds a header of 4 KiB or more.
+The tier's ledger counts payload bytes; each file also holds a header of 4 KiB or more.
 One root must not be shared by two running servers (each removes temp files it
 did not write when it starts).
 """
@@ -64,12 +64,11 @@ class FsAdapter(L2Adapter):
         self,
         root: str,
         *,
-        capacity: int | None = None,
         o_direct: bool = False,
         name: str | None = None,
-        **base_kwargs: object,
+        max_threads: int = 8,
     ) -> None:
-        super().__init__(name or f"fs:{root}", capacity=capacity, **base_kwargs)  # type: ignore[arg-type]
+        super().__init__(name or f"fs:{root}", max_threads=max_threads)
         self.root = os.path.abspath(root)
         self._opener = fs_io.FileOpener(self.name, self.root, direct=o_direct)
         self._reads_in_flight = 0
@@ -99,7 +98,7 @@ class FsAdapter(L2Adapter):
 
     # ------------------------------------------------------------ put
 
-    async def _put(self, key: ObjectKey, payload: memoryview) -> None:
+    async def put(self, key: ObjectKey, payload: memoryview) -> None:
         payload = fs_io.bytes_view(payload)
         path = self.path_of(key)
         temp = fs_io.temp_path_for(path)
@@ -131,7 +130,7 @@ class FsAdapter(L2Adapter):
 
     # ------------------------------------------------------------ get
 
-    async def _get_into(self, key: ObjectKey, buffer: memoryview) -> bool:
+    async def get_into(self, key: ObjectKey, buffer: memoryview) -> bool:
         buffer = fs_io.bytes_view(buffer)
         path = self.path_of(key)
         parts = self._read_parts(len(buffer))
@@ -173,14 +172,14 @@ class FsAdapter(L2Adapter):
 
     # ------------------------------------------------------------ contains, delete
 
-    async def _contains(self, keys: Sequence[ObjectKey]) -> list[bool]:
+    async def contains(self, keys: Sequence[ObjectKey]) -> list[bool]:
         paths = [self.path_of(key) for key in keys]
         try:
             return await trio.to_thread.run_sync(fs_io.files_exist, paths, limiter=self.limiter)
         except OSError as exc:
             raise AdapterError(f"{self.name}: stat: {exc}") from exc
 
-    async def _delete(self, keys: Sequence[ObjectKey]) -> None:
+    async def delete(self, keys: Sequence[ObjectKey]) -> None:
         paths = [self.path_of(key) for key in keys]
         try:
             await trio.to_thread.run_sync(fs_io.unlink_all, paths, limiter=self.limiter)
@@ -189,7 +188,7 @@ class FsAdapter(L2Adapter):
 
     # ------------------------------------------------------------ recovery scan
 
-    async def _scan(self) -> AsyncIterator[tuple[ObjectKey, int]]:
+    async def scan(self) -> AsyncIterator[tuple[ObjectKey, int]]:
         """Check the root (for ``health``), then every object under it (``fs_scan``)."""
         is_dir, self._problem = await trio.to_thread.run_sync(
             fs_scan.check_root, self.root, limiter=self.limiter

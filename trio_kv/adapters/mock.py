@@ -29,9 +29,9 @@ class MockAdapter(L2Adapter):
         fail_rate: float = 0.0,
         fail_ops: tuple[str, ...] = ("put", "get", "contains", "delete"),
         seed: int = 0,
-        **kwargs: object,
+        max_threads: int = 8,
     ) -> None:
-        super().__init__(name, **kwargs)  # type: ignore[arg-type]
+        super().__init__(name, max_threads=max_threads)
         self.objects: dict[ObjectKey, bytes] = {}
         self.latency_s = latency_s
         self.bandwidth_bps = bandwidth_bps
@@ -64,11 +64,11 @@ class MockAdapter(L2Adapter):
         if self.fail_rate and op in self.fail_ops and self._random.random() < self.fail_rate:
             raise AdapterError(f"{self.name}: injected failure in {op}")
 
-    async def _put(self, key: ObjectKey, payload: memoryview) -> None:
+    async def put(self, key: ObjectKey, payload: memoryview) -> None:
         await self._io("put", len(payload))
         self.objects[key] = bytes(payload)
 
-    async def _get_into(self, key: ObjectKey, buffer: memoryview) -> bool:
+    async def get_into(self, key: ObjectKey, buffer: memoryview) -> bool:
         data = self.objects.get(key)
         await self._io("get", len(data) if data is not None else 0)
         data = self.objects.get(key)
@@ -77,16 +77,16 @@ class MockAdapter(L2Adapter):
         buffer[:] = data
         return True
 
-    async def _contains(self, keys: Sequence[ObjectKey]) -> list[bool]:
+    async def contains(self, keys: Sequence[ObjectKey]) -> list[bool]:
         await self._io("contains")
         return [k in self.objects for k in keys]
 
-    async def _delete(self, keys: Sequence[ObjectKey]) -> None:
+    async def delete(self, keys: Sequence[ObjectKey]) -> None:
         await self._io("delete")
         for key in keys:
             self.objects.pop(key, None)
 
-    async def _scan(self) -> AsyncIterator[tuple[ObjectKey, int]]:
+    async def scan(self) -> AsyncIterator[tuple[ObjectKey, int]]:
         for key, data in list(self.objects.items()):
             yield key, len(data)
 

@@ -14,12 +14,14 @@
   tiering already moves many chunks at once, and a split measured slower against the
   test server; larger objects go in 16 MiB parts.
 * **Circuit breaker** (``breaker.CircuitBreaker``): ``breaker_failures`` consecutive
-  connection failures open it. While it is open, contains and get_into answer "miss"
-  without calling the endpoint (and the ledger keeps its keys: the objects are most
-  likely still there), puts and deletes raise ``BreakerOpen``, and ``health()`` reports
-  "breaker-open". After ``breaker_cooldown_s`` one call goes through as a probe (the
-  task ``run()`` starts sends a HeadBucket itself); its success closes the breaker. If
-  the endpoint is down when ``run()`` starts, the recovery scan waits for that.
+  connection failures open it. While it is open, contains answers "miss" and get_into
+  raises ``Unavailable`` without calling the endpoint (the tier counts that as a miss and
+  its ledger keeps the key: the object is most likely still there), puts and deletes
+  raise ``BreakerOpen``, and ``health()`` reports "breaker-open". After
+  ``breaker_cooldown_s`` one call goes through as a probe (``run()`` sends a HeadBucket
+  itself); its success closes the breaker. A recovery scan that fails because the
+  endpoint is down raises ``Unavailable``; the tier runs it again once the breaker closes
+  (``wait_available``).
 
 Why boto3 in threads rather than awscrt's S3 client bridged into Trio: the adapter
 needs HEAD with metadata, ListObjectsV2, DeleteObjects and multipart calls, which
@@ -45,7 +47,7 @@ import trio
 
 from ..keys import ObjectKey
 from . import codec
-from .base import AdapterError, AdapterHealth, L2Adapter
+from .base import AdapterError, AdapterHealth, L2Adapter, Unavailable
 from .breaker import BreakerState, CircuitBreaker
 from .s3_transport import (
     MIN_PART_SIZE,
@@ -81,7 +83,6 @@ class S3Adapter(L2Adapter):
         prefix: str = "",
         endpoint_url: str | None = None,
         region: str | None = None,
-        capacity: int | None = None,
         name: str | None = None,
         breaker_failures: int = 3,
         breaker_cooldown_s: float = 5.0,
@@ -90,10 +91,10 @@ class S3Adapter(L2Adapter):
         read_timeout_s: float = 30.0,
         multipart_threshold: int = MULTIPART_THRESHOLD,
         part_size: int = PART_SIZE,
-        **base_kwargs: Any,
+        max_threads: int = 8,
     ) -> None:
         default_name = f"s3:{bucket}/{prefix.rstrip('/')}" if prefix else f"s3:{bucket}"
-        super().__init__(name or default_name, capacity=capacity, **base_kwargs)
+        super().__init__(name or default_name, max_threads=max_threads)
         if part_size < MIN_PART_SIZE or multipart_threshold < part_size:
             raise ValueError(f"{self.name}: need {MIN_PART_SIZE} <= part_size <= multipart_threshold")
         if max_retries < 0:
@@ -105,8 +106,6 @@ class S3Adapter(L2Adapter):
             breaker_failures, breaker_cooldown_s, trio.current_time, on_change=self._breaker_moved
         )
         self._breaker_changed = trio.Event()
-        self._recovery_pending = False
-        self.recovered = trio.Event()  # set once the recovery scan has run (at start or deferred)
         self.foreign_objects = 0
         client = make_client(
             endpoint_url,
@@ -187,22 +186,17 @@ class S3Adapter(L2Adapter):
 
     # ------------------------------------------------------------ primitives
 
-    async def _put(self, key: ObjectKey, payload: memoryview) -> None:
+    async def put(self, key: ObjectKey, payload: memoryview) -> None:
         metadata = {METADATA_KEY: base64.b64encode(codec.encode_key_record(key)).decode("ascii")}
         await self.transport.put_object(self.object_name(key), _bytes_view(payload), metadata)
 
     async def get_into(self, key: ObjectKey, buffer: memoryview) -> bool:
-        """As the base class, but while the breaker is open: a miss that leaves the ledger alone."""
+        """While the breaker is open: Unavailable, without calling the endpoint."""
         if self.transport.skip_while_open():
-            return False
-        return await super().get_into(key, buffer)
-
-    async def _get_into(self, key: ObjectKey, buffer: memoryview) -> bool:
-        if self.transport.skip_while_open():
-            return False
+            raise Unavailable(f"{self.name}: circuit breaker open")
         return await self.transport.get_object_into(self.object_name(key), _bytes_view(buffer))
 
-    async def _contains(self, keys: Sequence[ObjectKey]) -> list[bool]:
+    async def contains(self, keys: Sequence[ObjectKey]) -> list[bool]:
         if self.transport.skip_while_open():
             return [False] * len(keys)
         found = [False] * len(keys)
@@ -231,7 +225,7 @@ class S3Adapter(L2Adapter):
             raise
         return dict(answer.get("Metadata", {}))
 
-    async def _delete(self, keys: Sequence[ObjectKey]) -> None:
+    async def delete(self, keys: Sequence[ObjectKey]) -> None:
         names = [self.object_name(key) for key in keys]
         if len(names) == 1:
             await self.transport.request(
@@ -256,7 +250,18 @@ class S3Adapter(L2Adapter):
         answer = self.client.delete_objects(Bucket=self.bucket, Delete=request)
         return [e for e in answer.get("Errors", []) if e.get("Code") != "NoSuchKey"]
 
-    async def _scan(self) -> AsyncIterator[tuple[ObjectKey, int]]:
+    async def scan(self) -> AsyncIterator[tuple[ObjectKey, int]]:
+        """ListObjectsV2 page by page. A failure that leaves the breaker open (the endpoint
+        is unreachable) is Unavailable: the tier scans again once ``wait_available`` returns."""
+        try:
+            async for found in self._scan_pages():
+                yield found
+        except AdapterError as exc:
+            if self.breaker.state is BreakerState.CLOSED or isinstance(exc, Unavailable):
+                raise
+            raise Unavailable(str(exc)) from exc
+
+    async def _scan_pages(self) -> AsyncIterator[tuple[ObjectKey, int]]:
         token: str | None = None
         while True:
             page, token = await self.transport.request(
@@ -309,37 +314,20 @@ class S3Adapter(L2Adapter):
             return None
         return key if self.object_name(key) == name else None
 
-    # ------------------------------------------------------------ recovery and the probe
+    # ------------------------------------------------------------ the probe
 
-    async def recover(self) -> int:
-        """As the base class; but if the endpoint is unreachable (the breaker is open) the
-        scan is left to the background task, which runs it once the breaker closes."""
-        try:
-            found = await super().recover()
-        except AdapterError as exc:
-            if self.breaker.state is BreakerState.CLOSED:
-                raise
-            self._recovery_pending = True
-            log.warning("%s: recovery scan deferred until the endpoint answers: %s", self.name, exc)
-            return 0
-        self.recovered.set()
-        return found
+    async def wait_available(self) -> None:
+        await self.wait_breaker_closed()
 
-    async def _start_background(self, nursery: trio.Nursery) -> None:
-        nursery.start_soon(self._watch_breaker)
-
-    async def _watch_breaker(self) -> None:
-        """Probe an open breaker after each cool-down; run a deferred recovery once it closes."""
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Probe an open breaker after each cool-down, until cancelled."""
+        task_status.started()
         while True:
             changed = self._breaker_changed
-            state = self.breaker.state
-            if state is BreakerState.OPEN:
+            if self.breaker.state is BreakerState.OPEN:
                 await trio.sleep_until(self.breaker.retry_at)
                 if self.breaker.state is BreakerState.OPEN and self.breaker.allow():
                     await self._probe()
-                continue
-            if state is BreakerState.CLOSED and self._recovery_pending:
-                await self._deferred_recovery()
                 continue
             await changed.wait()
 
@@ -352,18 +340,6 @@ class S3Adapter(L2Adapter):
             )
         except AdapterError as exc:
             log.info("%s: probe failed: %s", self.name, exc)
-
-    async def _deferred_recovery(self) -> None:
-        try:
-            found = await super().recover()
-        except AdapterError as exc:
-            if self.breaker.state is BreakerState.CLOSED:
-                self._recovery_pending = False  # not the endpoint's absence: trying again will not help
-                log.error("%s: deferred recovery scan failed: %s", self.name, exc)
-            return
-        self._recovery_pending = False
-        self.recovered.set()
-        log.info("%s: deferred recovery scan found %d objects", self.name, found)
 
 
 def _bytes_view(view: memoryview) -> memoryview:

@@ -7,6 +7,8 @@
 Options every kind takes: ``capacity`` (a size; turns LRU eviction on),
 ``high_watermark`` and ``low_watermark`` (fractions of capacity; eviction starts
 above the first and stops at the second), ``threads`` (blocking calls at once).
+Capacity and watermarks are the tier's policy, not the adapter's: ``build_adapter``
+leaves them out and ``AdapterSpec.tier_options`` hands them to ``core.l2_tier``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ _COMMON: dict[str, Callable[[str], Any]] = {
     "low_watermark": float,
     "threads": int,
 }
+
+
+_TIER_OPTIONS = ("capacity", "high_watermark", "low_watermark")
 
 
 def _bool(text: str) -> bool:
@@ -62,6 +67,10 @@ class AdapterSpec(msgspec.Struct, frozen=True):
     def name(self) -> str:
         return f"{self.kind}:{self.location}" if self.location else self.kind
 
+    def tier_options(self) -> dict[str, Any]:
+        """The options that belong to the tier: capacity and watermarks, where given."""
+        return {k: self.options[k] for k in _TIER_OPTIONS if k in self.options}
+
 
 def parse_spec(text: str) -> AdapterSpec:
     """Parse one spec; raises ValueError saying what is wrong."""
@@ -95,12 +104,10 @@ def parse_spec(text: str) -> AdapterSpec:
 
 
 def build_adapter(spec: AdapterSpec) -> L2Adapter:
-    """Construct the adapter a spec names (imports its module only now)."""
-    options = dict(spec.options)
+    """Construct the adapter a spec names (imports its module only now); the tier's
+    options (``tier_options``) are left out."""
+    options = {k: v for k, v in spec.options.items() if k not in _TIER_OPTIONS}
     common: dict[str, Any] = {"name": spec.name}
-    for key in ("capacity", "high_watermark", "low_watermark"):
-        if key in options:
-            common[key] = options.pop(key)
     if "threads" in options:
         common["max_threads"] = options.pop("threads")
     if spec.kind == "fs":

@@ -385,12 +385,10 @@ class CacheEngine:
         removed, freed = self.l1.clear(request.cache_salt)
         deleted = 0
         if request.include_l2 and self.tiering is not None:
-            for adapter in self.tiering.adapters:
+            for l2 in self.tiering.l2_tiers:
                 salt = request.cache_salt
-                keys = (
-                    list(adapter.ledger.least_recent()) if salt is None else adapter.ledger.keys_of_salt(salt)
-                )
-                deleted += await adapter.delete(keys)
+                keys = list(l2.ledger.least_recent()) if salt is None else l2.ledger.keys_of_salt(salt)
+                deleted += await l2.delete(keys)
         return Cleared(entries_removed=removed, bytes_freed=freed, l2_objects_deleted=deleted)
 
     def status(self) -> StatusResult:

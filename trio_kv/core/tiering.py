@@ -31,10 +31,11 @@ from collections.abc import Sequence
 import msgspec
 import trio
 
-from ..adapters.base import AdapterError, L2Adapter, QuotaExceeded
+from ..adapters.base import AdapterError
 from ..keys import ObjectKey
 from ..protocol import TierStatus
 from .l1 import Entry, L1Store, Refusal
+from .l2_tier import L2Tier, QuotaExceeded
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +68,8 @@ class TierCounters:
 
 
 class _Tier:
-    def __init__(self, adapter: L2Adapter, queue_size: int, max_inflight_writes: int) -> None:
-        self.adapter = adapter
+    def __init__(self, l2: L2Tier, queue_size: int, max_inflight_writes: int) -> None:
+        self.l2 = l2
         self.send, self.receive = trio.open_memory_channel[Entry](queue_size)
         self.counters = TierCounters()
         self.inflight_writes = trio.CapacityLimiter(max_inflight_writes)
@@ -107,36 +108,36 @@ class Prefetched:
 
 
 class Tiering:
-    def __init__(self, l1: L1Store, adapters: Sequence[L2Adapter], settings: TieringSettings) -> None:
+    def __init__(self, l1: L1Store, l2_tiers: Sequence[L2Tier], settings: TieringSettings) -> None:
         self.l1 = l1
         self.settings = settings
-        self.tiers = [_Tier(a, settings.queue_size, settings.max_inflight_writes) for a in adapters]
+        self.tiers = [_Tier(t, settings.queue_size, settings.max_inflight_writes) for t in l2_tiers]
         self._nursery: trio.Nursery | None = None
         self._load_limiter = trio.CapacityLimiter(settings.load_concurrency)
         self._known_sizes: dict[tuple[str, int], int] = {}
 
     @property
-    def adapters(self) -> list[L2Adapter]:
-        return [t.adapter for t in self.tiers]
+    def l2_tiers(self) -> list[L2Tier]:
+        return [t.l2 for t in self.tiers]
 
-    def counters(self, adapter: L2Adapter) -> TierCounters:
-        return next(t.counters for t in self.tiers if t.adapter is adapter)
+    def counters(self, l2: L2Tier) -> TierCounters:
+        return next(t.counters for t in self.tiers if t.l2 is l2)
 
-    def queue_depth(self, adapter: L2Adapter) -> int:
-        tier = next(t for t in self.tiers if t.adapter is adapter)
+    def queue_depth(self, l2: L2Tier) -> int:
+        tier = next(t for t in self.tiers if t.l2 is l2)
         return tier.send.statistics().current_buffer_used
 
     def status(self) -> list[TierStatus]:
-        """Each adapter's usage, health and traffic counters, in lookup order."""
+        """Each L2 tier's usage, health and traffic counters, in lookup order."""
         statuses = []
         for tier in self.tiers:
-            adapter, counters = tier.adapter, tier.counters
-            health = adapter.health()
+            l2, counters = tier.l2, tier.counters
+            health = l2.health()
             statuses.append(
                 TierStatus(
-                    name=adapter.name,
-                    kind=adapter.kind,
-                    usage=adapter.usage(),
+                    name=l2.name,
+                    kind=l2.kind,
+                    usage=l2.usage(),
                     healthy=health.healthy,
                     state=health.state,
                     reason=health.reason,
@@ -149,23 +150,23 @@ class Tiering:
                     loads=counters.loads,
                     load_failures=counters.load_failures,
                     lookup_errors=counters.lookup_errors,
-                    evictions=adapter.evictions,
+                    evictions=l2.evictions,
                     quota_skips=counters.quota_skips,
                     write_timeouts=counters.write_timeouts,
                     load_timeouts=counters.load_timeouts,
-                    evictions_by_reason=dict(adapter.evictions_by_reason),
+                    evictions_by_reason=dict(l2.evictions_by_reason),
                 )
             )
         return statuses
 
     # ------------------------------------------------------------ write-behind
 
-    def write_behind(self, entries: Sequence[Entry], *, source: L2Adapter | None = None) -> None:
-        """Queue ready chunks to every adapter but ``source``; never blocks."""
+    def write_behind(self, entries: Sequence[Entry], *, source: L2Tier | None = None) -> None:
+        """Queue ready chunks to every L2 tier but ``source``; never blocks."""
         for entry in entries:
             self._known_sizes[(entry.key.model, entry.key.world_size)] = entry.nbytes
         for tier in self.tiers:
-            if tier.adapter is source:
+            if tier.l2 is source:
                 continue
             for entry in entries:
                 try:
@@ -175,7 +176,7 @@ class Tiering:
                     tier.counters.dropped += 1
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Write-behind workers for every adapter (the adapters' own task groups run beside)."""
+        """Write-behind workers for every L2 tier (the tiers' own task groups run beside)."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             for tier in self.tiers:
@@ -207,19 +208,17 @@ class Tiering:
             await done.wait()
         if not done.is_set():
             tier.counters.write_timeouts += 1
-            log.debug(
-                "%s: a put outlived %.1f s; moving on", tier.adapter.name, self.settings.write_timeout_s
-            )
+            log.debug("%s: a put outlived %.1f s; moving on", tier.l2.name, self.settings.write_timeout_s)
 
     async def _put(self, tier: _Tier, entry: Entry, done: trio.Event) -> None:
         try:
-            await tier.adapter.put(entry.key, self.l1.buffer(entry))
+            await tier.l2.put(entry.key, self.l1.buffer(entry))
             tier.counters.written += 1
         except QuotaExceeded:
             tier.counters.quota_skips += 1
         except AdapterError as exc:
             tier.counters.write_failures += 1
-            log.debug("%s: write-behind of a chunk failed: %s", tier.adapter.name, exc)
+            log.debug("%s: write-behind of a chunk failed: %s", tier.l2.name, exc)
         finally:
             self.l1.unpin_reader(entry)
             tier.inflight_writes.release_on_behalf_of(done)
@@ -255,7 +254,7 @@ class Tiering:
                 if entry in loaded:
                     self.l1.commit(entry)
                     result.pin(entry)
-                    self.write_behind([entry], source=tier.adapter)
+                    self.write_behind([entry], source=tier.l2)
                 else:
                     self.l1.abort(entry)
             reserved = []
@@ -287,7 +286,7 @@ class Tiering:
                 steps.append((key, ready, None, 0))
                 continue
             tier = sources.get(key)
-            size = self._size_hint(key, tier.adapter) if tier is not None else None
+            size = self._size_hint(key, tier.l2) if tier is not None else None
             if tier is None or size is None or key in self.l1:
                 return None  # absent, size unknown, or being written by another request
             steps.append((key, None, tier, size))
@@ -309,8 +308,8 @@ class Tiering:
         reserved.extend(taken)
         return entries
 
-    def _size_hint(self, key: ObjectKey, adapter: L2Adapter) -> int | None:
-        size = adapter.ledger.size_of(key)
+    def _size_hint(self, key: ObjectKey, l2: L2Tier) -> int | None:
+        size = l2.ledger.size_of(key)
         return size if size is not None else self._known_sizes.get((key.model, key.world_size))
 
     async def _locate(self, keys: list[ObjectKey]) -> dict[ObjectKey, _Tier]:
@@ -324,10 +323,10 @@ class Tiering:
 
         async def ask(index: int, tier: _Tier) -> None:
             try:
-                answer = await tier.adapter.contains(keys)
+                answer = await tier.l2.contains(keys)
             except AdapterError as exc:
                 tier.counters.lookup_errors += 1
-                log.debug("%s: contains failed: %s", tier.adapter.name, exc)
+                log.debug("%s: contains failed: %s", tier.l2.name, exc)
             else:
                 answers[index] = answer
             finally:
@@ -374,14 +373,14 @@ class Tiering:
         tier, entry = load.tier, load.entry
         try:
             async with self._load_limiter:
-                load.hit = await tier.adapter.get_into(entry.key, self.l1.buffer(entry))
+                load.hit = await tier.l2.get_into(entry.key, self.l1.buffer(entry))
             if load.hit:
                 tier.counters.loads += 1
             else:
                 tier.counters.load_failures += 1
         except AdapterError as exc:
             tier.counters.load_failures += 1
-            log.debug("%s: load failed: %s", tier.adapter.name, exc)
+            log.debug("%s: load failed: %s", tier.l2.name, exc)
         finally:
             load.finished = True
             pending[0] -= 1
@@ -391,6 +390,6 @@ class Tiering:
                 # Nobody waits for this chunk any more: keep it if it arrived, else free it.
                 if load.hit:
                     self.l1.commit(entry)
-                    self.write_behind([entry], source=tier.adapter)
+                    self.write_behind([entry], source=tier.l2)
                 else:
                     self.l1.abort(entry)

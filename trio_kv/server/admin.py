@@ -25,8 +25,8 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, Scope
 
-from ..adapters.base import L2Adapter
 from ..core.engine import CacheEngine
+from ..core.l2_tier import L2Tier
 from ..core.quotas import L1_TIER, QuotaBook, QuotaError, salt_from_url_name, salt_to_url_name
 from ..errors import TrioKVError
 from ..keys import validate_salt
@@ -184,12 +184,10 @@ class AdminApp:
         reasons = []
         if self.is_draining():
             reasons.append("shutting down")
-        for adapter in _adapters(self.engine):
-            health = adapter.health()
+        for l2 in _l2_tiers(self.engine):
+            health = l2.health()
             if not health.healthy:
-                reasons.append(
-                    f"{adapter.name}: {health.state}" + (f": {health.reason}" if health.reason else "")
-                )
+                reasons.append(f"{l2.name}: {health.state}" + (f": {health.reason}" if health.reason else ""))
         if reasons:
             return json_response({"status": "unhealthy", "reasons": reasons}, 503)
         return json_response({"status": "ok"})
@@ -276,8 +274,8 @@ class AdminApp:
 
     def _usage(self, salt: str) -> dict[str, int]:
         usage = {L1_TIER: self.engine.l1.ledger.salt_bytes(salt)}
-        for adapter in _adapters(self.engine):
-            usage[adapter.name] = adapter.ledger.salt_bytes(salt)
+        for l2 in _l2_tiers(self.engine):
+            usage[l2.name] = l2.ledger.salt_bytes(salt)
         return usage
 
     async def _quota_list(self, request: HTTPRequest) -> HTTPResponse:
@@ -335,8 +333,8 @@ class AdminApp:
         )
 
 
-def _adapters(engine: CacheEngine) -> list[L2Adapter]:
-    return engine.tiering.adapters if engine.tiering is not None else []
+def _l2_tiers(engine: CacheEngine) -> list[L2Tier]:
+    return engine.tiering.l2_tiers if engine.tiering is not None else []
 
 
 def _json_body(request: HTTPRequest, *, required: bool) -> Any:

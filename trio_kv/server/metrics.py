@@ -25,8 +25,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import choose_encoder
 
 from .. import __version__
-from ..adapters.base import L2Adapter
 from ..core.engine import CacheEngine
+from ..core.l2_tier import L2Tier
 from ..core.quotas import L1_TIER, QuotaBook, salt_to_url_name
 from ..errors import ErrorCode
 from ..keys import effective_end
@@ -232,9 +232,9 @@ class _StateCollector:
         )
         for reason, count in sorted(l1.evictions_by_reason.items()):
             evictions.add_metric([L1_TIER, reason], count)
-        for adapter in _adapters(engine):
-            for reason, count in sorted(adapter.evictions_by_reason.items()):
-                evictions.add_metric([adapter.name, reason], count)
+        for l2 in _l2_tiers(engine):
+            for reason, count in sorted(l2.evictions_by_reason.items()):
+                evictions.add_metric([l2.name, reason], count)
         yield evictions
         refusals = CounterMetricFamily(
             "trio_kv_l1_refusals",
@@ -302,7 +302,7 @@ class _StateCollector:
             "Quota set per tier and salt (salt @default: the fallback for salts without their own).",
             labels=["tier", "salt"],
         )
-        ledgers = [(L1_TIER, engine.l1.ledger), *((a.name, a.ledger) for a in _adapters(engine))]
+        ledgers = [(L1_TIER, engine.l1.ledger), *((a.name, a.ledger) for a in _l2_tiers(engine))]
         for tier, ledger in ledgers:
             used.add_metric([tier], ledger.total)
             if ledger.capacity:
@@ -341,12 +341,12 @@ class _StateCollector:
             "trio_kv_l2_breaker_open", "1 while the adapter's circuit breaker is open.", labels=["tier"]
         )
         tiering = engine.tiering
-        for adapter in _adapters(engine):
+        for l2 in _l2_tiers(engine):
             assert tiering is not None
-            name = adapter.name
-            counters = tiering.counters(adapter)
-            health = adapter.health()
-            depth.add_metric([name], tiering.queue_depth(adapter))
+            name = l2.name
+            counters = tiering.counters(l2)
+            health = l2.health()
+            depth.add_metric([name], tiering.queue_depth(l2))
             dropped.add_metric([name], counters.dropped)
             for outcome, count in (
                 ("written", counters.written),
@@ -366,7 +366,7 @@ class _StateCollector:
                 ("write", counters.write_failures),
                 ("load", counters.load_failures),
                 ("lookup", counters.lookup_errors),
-                ("evict", adapter.errors),
+                ("evict", l2.errors),
             ):
                 errors.add_metric([name, op], count)
             healthy.add_metric([name], 1 if health.healthy else 0)
@@ -374,8 +374,8 @@ class _StateCollector:
         yield from (depth, dropped, writes, loads, errors, healthy, breaker)
 
 
-def _adapters(engine: CacheEngine) -> list[L2Adapter]:
-    return engine.tiering.adapters if engine.tiering is not None else []
+def _l2_tiers(engine: CacheEngine) -> list[L2Tier]:
+    return engine.tiering.l2_tiers if engine.tiering is not None else []
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

@@ -18,9 +18,9 @@ import pynng
 import trio
 
 from .. import __version__
-from ..adapters.spec import build_adapter
 from ..core.engine import CacheEngine, EngineSettings, FaultHook
 from ..core.l1 import L1Store
+from ..core.l2_tier import L2Tier
 from ..core.quotas import L1_TIER, QuotaBook
 from ..core.tiering import Tiering, TieringSettings
 from ..errors import ErrorCode, TrioKVError
@@ -101,8 +101,8 @@ class Server:
             max_sessions=config.max_sessions,
             limits=self.limits,
         )
-        self.adapters = [build_adapter(spec) for spec in config.l2_specs()]
-        self.quotas = QuotaBook([L1_TIER, *(a.name for a in self.adapters)], config.quota_path(config_path))
+        l2_specs = config.l2_specs()
+        self.quotas = QuotaBook([L1_TIER, *(s.name for s in l2_specs)], config.quota_path(config_path))
         transfer = select_backend(config.transfer, threads=config.copy_threads, shm_dir=config.shm_dir)
         self.l1 = L1Store(
             config.l1_size,
@@ -112,13 +112,14 @@ class Server:
             quota=self.quotas.limiter(L1_TIER),
             pin=arena_pinner(transfer),
         )
-        for adapter in self.adapters:
-            adapter.policy = config.eviction_policy
-            adapter.quota = self.quotas.limiter(adapter.name)
+        self.l2_tiers = [
+            L2Tier.from_spec(spec, policy=config.eviction_policy, quota=self.quotas.limiter(spec.name))
+            for spec in l2_specs
+        ]
         self.tiering = (
             Tiering(
                 self.l1,
-                self.adapters,
+                self.l2_tiers,
                 TieringSettings(
                     queue_size=config.l2_queue_size,
                     writers_per_adapter=config.l2_writers,
@@ -129,7 +130,7 @@ class Server:
                     max_inflight_writes=config.l2_max_inflight_writes,
                 ),
             )
-            if self.adapters
+            if self.l2_tiers
             else None
         )
         self.engine = CacheEngine(settings, self.l1, transfer, tiering=self.tiering, faults=faults)
@@ -170,9 +171,9 @@ class Server:
                 nursery.start_soon(self.engine.run_housekeeping)
                 nursery.start_soon(self.engine.owners.run)
                 nursery.start_soon(self.l1.run_watermark_eviction)
-                # Each adapter runs its own task group; its recovery scan finishes before we serve.
-                for adapter in self.adapters:
-                    await nursery.start(adapter.run)
+                # Each L2 tier runs its own task group; its recovery scan finishes before we serve.
+                for l2 in self.l2_tiers:
+                    await nursery.start(l2.run)
                 if self.tiering is not None:
                     await nursery.start(self.tiering.run)
                 for url in self.config.listen:
@@ -199,7 +200,7 @@ class Server:
                     ", ".join(self.config.listen),
                     self.l1.capacity,
                     self.config.chunk_size,
-                    ", ".join(a.name for a in self.adapters) or "none",
+                    ", ".join(t.name for t in self.l2_tiers) or "none",
                     self.admin_url or "off",
                 )
                 task_status.started(self)

@@ -18,6 +18,7 @@ import trio
 
 from ..adapters.mock import MockAdapter
 from ..client import AsyncClient
+from ..core.l2_tier import L2Tier
 from ..errors import TrioKVError
 from ..export.shm import SharedKVCache, create_shared_kv_cache
 from ..keys import RequestKey
@@ -225,14 +226,14 @@ async def _chaos(adapters: list[MockAdapter], deadline: float, counts: _Counts, 
             adapter.unstall()
 
 
-def _l2_mismatches(adapters: list[MockAdapter]) -> int:
-    """Adapters whose ledger differs from a recount of the objects they hold."""
+def _l2_mismatches(l2_tiers: list[L2Tier[MockAdapter]]) -> int:
+    """Tiers whose ledger differs from a recount of the objects their adapter holds."""
     bad = 0
-    for adapter in adapters:
+    for l2 in l2_tiers:
         recount: dict[str, int] = {}
-        for key, data in adapter.objects.items():
+        for key, data in l2.adapter.objects.items():
             recount[key.cache_salt] = recount.get(key.cache_salt, 0) + len(data)
-        if dict(adapter.ledger.bytes_by_salt) != recount or adapter.pinned():
+        if dict(l2.ledger.bytes_by_salt) != recount or l2.pinned():
             bad += 1
     return bad
 
@@ -254,7 +255,8 @@ async def run_soak(seconds: float, *, clients: int = 8, seed: int = 1) -> SoakRe
             l2_write_timeout_s=0.3,
             request_timeout_s=5,
         ) as server:
-            adapters = [a for a in server.server.adapters if isinstance(a, MockAdapter)]
+            l2_tiers = [t for t in server.server.l2_tiers if isinstance(t.adapter, MockAdapter)]
+            adapters = [t.adapter for t in l2_tiers]
             tasks_before = _count_tasks()
             watches_before = len(server.engine.owners)
             start = trio.current_time()
@@ -287,14 +289,14 @@ async def run_soak(seconds: float, *, clients: int = 8, seed: int = 1) -> SoakRe
                 leaked_leases=len(engine.leases),
                 leaked_bytes=leaked_bytes,
                 ledger_problems=problems,
-                l2_ledger_mismatches=_l2_mismatches(adapters),
+                l2_ledger_mismatches=_l2_mismatches(l2_tiers),
                 leaked_tasks=max(0, tasks_after - tasks_before),
                 data_mismatches=counts.mismatches,
                 chunks_verified=counts.verified,
                 l1_evictions=engine.l1.evictions,
                 l2_loads=sum(t.loads for t in engine.status().l2),
                 l2_writes=sum(t.written for t in engine.status().l2),
-                l2_evictions=sum(a.evictions for a in adapters),
+                l2_evictions=sum(t.evictions for t in l2_tiers),
                 rss_growth_after_warmup_mib=counts.rss_samples[-1] - warm,
             )
     for scratch in _scratch.values():
