@@ -336,3 +336,34 @@ async def test_every_documented_family_is_exposed(mock_server, kv):
     assert {name: metrics.types.get(name) for name in expected} == expected
     assert metrics.value("trio_kv_l1_entries") == 1
     assert metrics.value("trio_kv_instances") == 1
+
+
+async def test_status_reply_admin_view_and_metrics_report_one_snapshot(kv):
+    # Evictions, a quota refusal and L2 usage, then all three views read while nothing moves.
+    async with running_server(chunk_size=CHUNK_SIZE, l1_size="64KiB", l2=["mock:"]) as running:
+        await admin_request(running, "PUT", "/v1/quota/q", {"l1": chunk_bytes(kv) // 2})
+        async with await connect(running, kv) as client:
+            stored = await client.store("w", RequestKey("m", 1, 0, tokens(1, 1), cache_salt="q"), blocks(1))
+            for seed in range(2, 8):
+                await client.store("w", RequestKey("m", 1, 0, tokens(1, seed)), blocks(1))
+            await trio.testing.wait_all_tasks_blocked()
+            reply = await client.status()
+        view = (await admin_request(running, "GET", "/v1/status")).json()
+        metrics = await scrape(running)
+    assert stored.skipped_quota == 1  # a chunk over q's quota is refused, not stored
+    assert reply.l1_refusals == {"quota": 1}
+    assert sum(reply.l1_evictions.values()) >= 2  # 6 chunks went through room for 4
+    (tier,) = reply.l2
+    assert tier.usage.total_bytes_used == 6 * chunk_bytes(kv)
+    assert view["l1_evictions"] == reply.l1_evictions
+    assert view["l1_refusals"] == reply.l1_refusals
+    assert view["l1"]["total_bytes_used"] == reply.l1.total_bytes_used
+    assert view["l2"][0]["usage"]["total_bytes_used"] == tier.usage.total_bytes_used
+    assert metrics.value("trio_kv_tier_used_bytes", tier="l1") == reply.l1.total_bytes_used
+    assert metrics.value("trio_kv_tier_used_bytes", tier=tier.name) == tier.usage.total_bytes_used
+    assert metrics.value("trio_kv_l1_refusals_total", reason="quota") == 1
+    assert {
+        dict(labels)["reason"]: value
+        for labels, value in metrics.labelled("trio_kv_evictions_total").items()
+        if dict(labels)["tier"] == "l1"
+    } == reply.l1_evictions

@@ -134,6 +134,7 @@ class TierStatus(msgspec.Struct, frozen=True):
     write_timeouts: int = 0
     load_timeouts: int = 0
     evictions_by_reason: dict[str, int] = {}
+    evict_errors: int = 0  # failed eviction passes (the tier backs off and retries)
 
 
 class StatusResult(_Message, tag="status_ok"):
@@ -147,6 +148,8 @@ class StatusResult(_Message, tag="status_ok"):
     instances: list[InstanceInfo]
     requests_in_flight: int
     l2: list[TierStatus] = []
+    l1_evictions: dict[str, int] = {}  # by reason: watermark, quota, ...
+    l1_refusals: dict[str, int] = {}  # reservations refused, by reason: quota, capacity
 
 
 class Error(_Message, tag="error"):

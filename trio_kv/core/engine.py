@@ -16,21 +16,17 @@ from collections.abc import Awaitable, Callable, Sequence
 import msgspec
 import trio
 
-from .. import __version__
 from ..errors import ErrorCode, TrioKVError
 from ..keys import (
     ObjectKey,
     RequestKey,
     effective_end,
     object_keys,
-    token_count,
-    validate_request_key,
 )
 from ..protocol import (
     Clear,
     Cleared,
     EndSession,
-    InstanceInfo,
     Limits,
     Lookup,
     LookupResult,
@@ -49,10 +45,12 @@ from ..protocol import (
 )
 from ..transfer import CopyJob, CpuTransfer, MappedKVCache
 from .audit import audit_l1
+from .checks import check_blocks, check_key
 from .l1 import Entry, L1Store, Refusal
 from .leases import LeaseTable
 from .owners import OwnerWatch
 from .sessions import HashSessions
+from .status import engine_status
 from .tiering import Tiering
 
 FaultHook = Callable[[str], Awaitable[None]]
@@ -142,41 +140,6 @@ class CacheEngine:
             raise TrioKVError(ErrorCode.UNKNOWN_INSTANCE, f"no KV cache registered as {instance_id!r}")
         return cache
 
-    # ------------------------------------------------------------ checks
-
-    def _check_key(self, key: RequestKey, *, needs_rank: bool) -> None:
-        limits = self.settings.limits
-        if token_count(key) > limits.max_tokens_per_key:
-            raise TrioKVError(
-                ErrorCode.LIMIT_EXCEEDED,
-                f"{token_count(key)} tokens exceed the limit of {limits.max_tokens_per_key} per key",
-            )
-        if key.world_size > limits.max_world_size:
-            raise TrioKVError(
-                ErrorCode.LIMIT_EXCEEDED, f"world_size {key.world_size} exceeds {limits.max_world_size}"
-            )
-        validate_request_key(key, needs_rank=needs_rank)
-        ranks = key.world_size if key.rank is None else 1
-        n_keys = effective_end(key) // self.chunk_size * ranks
-        if n_keys > limits.max_keys_per_request:
-            raise TrioKVError(
-                ErrorCode.LIMIT_EXCEEDED,
-                f"the request names {n_keys} chunk keys (chunks x ranks); the limit is {limits.max_keys_per_request}",
-            )
-
-    def _check_blocks(self, block_ids: Sequence[int], cache: MappedKVCache) -> None:
-        if len(block_ids) > self.settings.limits.max_block_ids:
-            raise TrioKVError(
-                ErrorCode.LIMIT_EXCEEDED,
-                f"{len(block_ids)} block ids exceed the limit of {self.settings.limits.max_block_ids}",
-            )
-        if block_ids and (min(block_ids) < 0 or max(block_ids) >= cache.layout.num_blocks):
-            bad = next(b for b in block_ids if not 0 <= b < cache.layout.num_blocks)
-            raise TrioKVError(
-                ErrorCode.BLOCK_OUT_OF_RANGE,
-                f"block id {bad} outside 0..{cache.layout.num_blocks - 1} of this registration",
-            )
-
     async def _copy(
         self,
         copy: Callable[..., Awaitable[None]],
@@ -200,9 +163,9 @@ class CacheEngine:
     async def store(self, request: Store) -> StoreResult:
         """Copy the full chunks of ``request.key`` that L1 lacks from the engine's blocks."""
         key = request.key
-        self._check_key(key, needs_rank=True)
+        check_key(key, self.settings.limits, self.chunk_size, needs_rank=True)
         cache = self._instance(request.instance_id)
-        self._check_blocks(request.block_ids, cache)
+        check_blocks(request.block_ids, cache.layout.num_blocks, self.settings.limits)
         blocks_per_chunk = self.chunk_size // cache.layout.block_size
         n_chunks = min(effective_end(key), len(request.block_ids) * cache.layout.block_size)
         n_chunks //= self.chunk_size
@@ -258,7 +221,7 @@ class CacheEngine:
         """Count the leading chunks held for every rank (or the key's rank), loading what L2
         holds past the L1 hits, and lease them to the request."""
         key = request.key
-        self._check_key(key, needs_rank=False)
+        check_key(key, self.settings.limits, self.chunk_size, needs_rank=False)
         n_chunks = effective_end(key) // self.chunk_size
         hashes = self.sessions.hashes(key, n_chunks * self.chunk_size)
         await self._fault_point("lookup.before_scan")
@@ -312,9 +275,9 @@ class CacheEngine:
     async def retrieve(self, request: Retrieve) -> RetrieveResult:
         """Copy the leading cached chunks into the engine's blocks, then end this rank's leases."""
         key = request.key
-        self._check_key(key, needs_rank=True)
+        check_key(key, self.settings.limits, self.chunk_size, needs_rank=True)
         cache = self._instance(request.instance_id)
-        self._check_blocks(request.block_ids, cache)
+        check_blocks(request.block_ids, cache.layout.num_blocks, self.settings.limits)
         block_size = cache.layout.block_size
         skip = max(key.start, request.skip_first_n_tokens)
         if skip % block_size:
@@ -392,21 +355,8 @@ class CacheEngine:
         return Cleared(entries_removed=removed, bytes_freed=freed, l2_objects_deleted=deleted)
 
     def status(self) -> StatusResult:
-        return StatusResult(
-            server_version=__version__,
-            uptime_s=time.monotonic() - self.started_at,
-            chunk_size=self.chunk_size,
-            l1=self.l1.ledger.usage(),
-            l1_entries=len(self.l1),
-            leases=len(self.leases),
-            sessions=len(self.sessions),
-            instances=[
-                InstanceInfo(name, c.layout.num_blocks, c.layout.block_size, c.layout.block_bytes)
-                for name, c in sorted(self.instances.items())
-            ],
-            requests_in_flight=self.requests_in_flight,
-            l2=[] if self.tiering is None else self.tiering.status(),
-        )
+        """The server's state (``core.status``): what Status, admin and metrics all read."""
+        return engine_status(self)
 
     # ------------------------------------------------------------ background
 

@@ -33,7 +33,6 @@ import trio
 
 from ..adapters.base import AdapterError
 from ..keys import ObjectKey
-from ..protocol import TierStatus
 from .l1 import Entry, L1Store, Refusal
 from .l2_tier import L2Tier, QuotaExceeded
 
@@ -126,38 +125,6 @@ class Tiering:
     def queue_depth(self, l2: L2Tier) -> int:
         tier = next(t for t in self.tiers if t.l2 is l2)
         return tier.send.statistics().current_buffer_used
-
-    def status(self) -> list[TierStatus]:
-        """Each L2 tier's usage, health and traffic counters, in lookup order."""
-        statuses = []
-        for tier in self.tiers:
-            l2, counters = tier.l2, tier.counters
-            health = l2.health()
-            statuses.append(
-                TierStatus(
-                    name=l2.name,
-                    kind=l2.kind,
-                    usage=l2.usage(),
-                    healthy=health.healthy,
-                    state=health.state,
-                    reason=health.reason,
-                    queue_depth=tier.send.statistics().current_buffer_used,
-                    queued=counters.queued,
-                    dropped=counters.dropped,
-                    skipped_evicted=counters.skipped_evicted,
-                    written=counters.written,
-                    write_failures=counters.write_failures,
-                    loads=counters.loads,
-                    load_failures=counters.load_failures,
-                    lookup_errors=counters.lookup_errors,
-                    evictions=l2.evictions,
-                    quota_skips=counters.quota_skips,
-                    write_timeouts=counters.write_timeouts,
-                    load_timeouts=counters.load_timeouts,
-                    evictions_by_reason=dict(l2.evictions_by_reason),
-                )
-            )
-        return statuses
 
     # ------------------------------------------------------------ write-behind
 

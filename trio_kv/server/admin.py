@@ -2,8 +2,8 @@
 served by hypercorn's Trio worker inside the server's root nursery.
 
 The HTTP layer is thin: parse the request, call the engine, the quota book or the metrics,
-answer JSON. Handlers run on the Trio thread like everything else, so they read engine state
-directly. Every error is ``{"error": "..."}``: 400 bad body or value, 401 missing or wrong
+answer JSON. Handlers run on the Trio thread like everything else; what they show of the
+engine comes from its one status snapshot (``core/status.py``). Plumbing is in ``http.py``. Every error is ``{"error": "..."}``: 400 bad body or value, 401 missing or wrong
 token (mutating endpoints, when a token is configured), 404 unknown path or salt without a
 quota, 405 wrong method, 413 body too large, 504 a clear that ran past the request timeout.
 """
@@ -11,83 +11,43 @@ quota, 405 wrong method, 413 body too large, 504 a clear that ran past the reque
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import sys
-from collections.abc import Awaitable, Callable
-from functools import partial
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qsl
 
-import hypercorn.trio
 import msgspec
 import trio
-from hypercorn.config import Config as HypercornConfig
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, Scope
 
 from ..core.engine import CacheEngine
-from ..core.l2_tier import L2Tier
 from ..core.quotas import L1_TIER, QuotaBook, QuotaError, salt_from_url_name, salt_to_url_name
 from ..errors import TrioKVError
 from ..keys import validate_salt
 from ..protocol import Clear
 from .config import ServerConfig
+from .http import (
+    Handler,
+    HTTPError,
+    HTTPRequest,
+    HTTPResponse,
+    json_body,
+    json_response,
+    lifespan,
+    plain,
+    read_body,
+    send_response,
+)
 from .metrics import ServerMetrics
 
 if sys.version_info < (3, 11):  # pragma: no cover
-    from exceptiongroup import BaseExceptionGroup
+    pass
 
 log = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 64 * 1024
 QUOTA_PREFIX = "/v1/quota/"
 MUTATING = frozenset({"POST", "PUT", "DELETE"})
-JSON_TYPE = b"application/json"
-
-
-class HTTPError(Exception):
-    """An error answer: status and message (sent as ``{"error": message}``)."""
-
-    def __init__(self, status: int, message: str, headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = headers
-
-
-class HTTPRequest(msgspec.Struct):
-    method: str
-    path: str
-    query: list[tuple[str, str]]
-    headers: dict[bytes, bytes]
-    body: bytes = b""
-    salt_name: str = ""  # the {salt} of /v1/quota/{salt}
-
-
-class HTTPResponse(msgspec.Struct):
-    status: int
-    body: bytes
-    content_type: bytes = JSON_TYPE
-    headers: tuple[tuple[bytes, bytes], ...] = ()
-
-
-Handler = Callable[[HTTPRequest], Awaitable[HTTPResponse]]
-
-
-def json_response(value: Any, status: int = 200) -> HTTPResponse:
-    return HTTPResponse(status, msgspec.json.encode(value))
-
-
-def plain(value: Any) -> Any:
-    """Structs as dicts of their fields, recursively (``msgspec.to_builtins`` would turn the
-    wire's ``array_like`` structs into bare lists)."""
-    if isinstance(value, msgspec.Struct):
-        return {name: plain(getattr(value, name)) for name in value.__struct_fields__}
-    if isinstance(value, (list, tuple)):
-        return [plain(item) for item in value]
-    if isinstance(value, dict):
-        return {key: plain(item) for key, item in value.items()}
-    return value
 
 
 class AdminApp:
@@ -123,10 +83,10 @@ class AdminApp:
 
     async def __call__(self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
         if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
+            await lifespan(receive, send)
         elif scope["type"] == "http":
             response = await self._respond(scope, receive)
-            await _send(send, response)
+            await send_response(send, response)
         # websockets: not served; returning closes the connection
 
     async def _respond(self, scope: HTTPScope, receive: ASGIReceiveCallable) -> HTTPResponse:
@@ -140,7 +100,7 @@ class AdminApp:
             handler = self._route(request)
             if request.method in MUTATING:
                 self._authorize(request)
-                request.body = await _read_body(receive)
+                request.body = await read_body(receive)
             return await handler(request)
         except HTTPError as exc:
             return HTTPResponse(exc.status, msgspec.json.encode({"error": exc.message}), headers=exc.headers)
@@ -184,10 +144,9 @@ class AdminApp:
         reasons = []
         if self.is_draining():
             reasons.append("shutting down")
-        for l2 in _l2_tiers(self.engine):
-            health = l2.health()
-            if not health.healthy:
-                reasons.append(f"{l2.name}: {health.state}" + (f": {health.reason}" if health.reason else ""))
+        for tier in self.engine.status().l2:
+            if not tier.healthy:
+                reasons.append(f"{tier.name}: {tier.state}" + (f": {tier.reason}" if tier.reason else ""))
         if reasons:
             return json_response({"status": "unhealthy", "reasons": reasons}, 503)
         return json_response({"status": "ok"})
@@ -197,7 +156,6 @@ class AdminApp:
         body = {
             "version": status.pop("server_version"),
             **status,
-            "l1_evictions": dict(self.engine.l1.evictions_by_reason),
             "draining": self.is_draining(),
             "event_loop_lag_s": self.metrics.loop_lag_last_s,
             "traffic": self.metrics.traffic_summary(),
@@ -235,7 +193,7 @@ class AdminApp:
     # ------------------------------------------------------------ clear
 
     async def _clear(self, request: HTTPRequest) -> HTTPResponse:
-        body = _json_body(request, required=False)
+        body = json_body(request, required=False)
         if not isinstance(body, dict):
             raise HTTPError(
                 400, 'the body must be a JSON object like {"cache_salt": "t1", "include_l2": true}'
@@ -273,9 +231,10 @@ class AdminApp:
             raise HTTPError(400, f"bad salt {request.salt_name!r}: {exc}") from None
 
     def _usage(self, salt: str) -> dict[str, int]:
-        usage = {L1_TIER: self.engine.l1.ledger.salt_bytes(salt)}
-        for l2 in _l2_tiers(self.engine):
-            usage[l2.name] = l2.ledger.salt_bytes(salt)
+        status = self.engine.status()
+        usage = {L1_TIER: status.l1.bytes_by_salt.get(salt, 0)}
+        for tier in status.l2:
+            usage[tier.name] = tier.usage.bytes_by_salt.get(salt, 0)
         return usage
 
     async def _quota_list(self, request: HTTPRequest) -> HTTPResponse:
@@ -296,7 +255,7 @@ class AdminApp:
 
     async def _quota_put(self, request: HTTPRequest) -> HTTPResponse:
         salt = self._salt(request)
-        body = _json_body(request, required=True)
+        body = json_body(request, required=True)
         if not isinstance(body, dict):
             raise HTTPError(400, 'the body must be a JSON object of tier -> bytes, e.g. {"l1": "8GiB"}')
         try:
@@ -331,96 +290,3 @@ class AdminApp:
         return json_response(
             {"salt": request.salt_name, "deleted": tier or "all", "quota": self.quotas.get(salt)}
         )
-
-
-def _l2_tiers(engine: CacheEngine) -> list[L2Tier]:
-    return engine.tiering.l2_tiers if engine.tiering is not None else []
-
-
-def _json_body(request: HTTPRequest, *, required: bool) -> Any:
-    if not request.body.strip():
-        if required:
-            raise HTTPError(400, "a JSON body is required")
-        return {}
-    try:
-        # The stdlib parser reads NaN and Infinity, so they reach the quota validation (and its message).
-        return json.loads(request.body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise HTTPError(400, f"the body is not JSON: {exc}") from None
-
-
-async def _read_body(receive: ASGIReceiveCallable) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        event = await receive()
-        if event["type"] != "http.request":
-            raise HTTPError(400, "the client went away before sending its body")
-        size += len(event["body"])
-        if size > MAX_BODY_BYTES:
-            raise HTTPError(413, f"the body is over {MAX_BODY_BYTES} bytes")
-        chunks.append(event["body"])
-        if not event["more_body"]:
-            return b"".join(chunks)
-
-
-async def _send(send: ASGISendCallable, response: HTTPResponse) -> None:
-    headers = [
-        (b"content-type", response.content_type),
-        (b"content-length", str(len(response.body)).encode()),
-        (b"cache-control", b"no-store"),
-        *response.headers,
-    ]
-    await send({"type": "http.response.start", "status": response.status, "headers": headers})
-    await send({"type": "http.response.body", "body": response.body, "more_body": False})
-
-
-async def _lifespan(receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
-    while True:
-        event = await receive()
-        if event["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif event["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
-
-
-async def start_admin(
-    nursery: trio.Nursery,
-    app: AdminApp,
-    address: tuple[str, int],
-    *,
-    shutdown_trigger: Callable[[], Awaitable[Any]],
-) -> str:
-    """Serve ``app`` on ``address`` in ``nursery``; return the URL actually bound (port 0 works).
-
-    A bind failure is raised as a plain OSError naming the address (hypercorn raises it from
-    inside two nurseries). Once ``shutdown_trigger`` returns, hypercorn stops accepting and
-    finishes open requests; cancelling ``nursery`` stops it at once.
-    """
-    host, port = address
-    config = HypercornConfig()
-    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
-    config.errorlog = logging.getLogger("trio_kv.server.admin.http")
-    config.accesslog = None
-    config.include_server_header = False
-    config.graceful_timeout = 1.0
-    try:
-        binds = await nursery.start(
-            partial(hypercorn.trio.serve, app, config, shutdown_trigger=shutdown_trigger, mode="asgi")
-        )
-    except BaseExceptionGroup as group:
-        bind_errors, others = group.split(OSError)
-        if bind_errors is None or others is not None:
-            raise
-        first = _first_leaf(bind_errors)
-        raise OSError(first.errno, f"admin HTTP cannot listen on {host}:{port}: {first.strerror}") from group
-    return str(binds[0])
-
-
-def _first_leaf(group: BaseExceptionGroup[OSError]) -> OSError:
-    leaf: BaseException = group
-    while isinstance(leaf, BaseExceptionGroup):
-        leaf = leaf.exceptions[0]
-    assert isinstance(leaf, OSError)
-    return leaf

@@ -7,8 +7,9 @@ Two kinds of numbers:
   lookup tokens and bytes moved per salt as plain integers in ``SaltTraffic`` (one dict lookup
   and a few additions per request; no lock, since only the Trio thread writes them).
 - **At scrape time** (``_StateCollector``): usage, capacity and quotas per tier and salt,
-  evictions, write-behind queues, adapter errors and health, read straight from the ledgers and
-  counters that already exist, so the hot paths pay nothing for them.
+  evictions, write-behind queues, adapter errors and health, read from one ``engine.status()``
+  snapshot (``core/status.py``, built from counters that already exist), so the hot paths pay
+  nothing for them and the metrics, the Status reply and the admin view cannot disagree.
 
 Salts appear as label values in their URL spelling: the empty salt is ``@empty``.
 """
@@ -24,13 +25,22 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 
-from .. import __version__
 from ..core.engine import CacheEngine
-from ..core.l2_tier import L2Tier
 from ..core.quotas import L1_TIER, QuotaBook, salt_to_url_name
 from ..errors import ErrorCode
 from ..keys import effective_end
-from ..protocol import Error, Lookup, LookupResult, Request, Retrieve, RetrieveResult, Store, StoreResult
+from ..protocol import (
+    Error,
+    Lookup,
+    LookupResult,
+    Request,
+    Retrieve,
+    RetrieveResult,
+    StatusResult,
+    Store,
+    StoreResult,
+    TierStatus,
+)
 
 # Requests take ~0.1 ms (lookups) to tens of ms (large copies); the prometheus defaults start at 5 ms.
 REQUEST_BUCKETS = (
@@ -214,27 +224,27 @@ class ServerMetrics:
 
 
 class _StateCollector:
-    """Reads usage, counters and health at scrape time (on the Trio thread, like everything else)."""
+    """At scrape time, reads one snapshot of the server's state (``engine.status()``, the same
+    one the Status reply and the admin view are made of) and this server's traffic counters."""
 
     def __init__(self, metrics: ServerMetrics) -> None:
         self._metrics = metrics
 
     def collect(self) -> Iterator[Metric]:
         metrics = self._metrics
-        engine = metrics.engine
+        status = metrics.engine.status()
         yield from self._traffic(metrics)
-        yield from self._usage(metrics)
-        yield from self._l2(engine)
+        yield from self._usage(status, metrics.quotas)
+        yield from self._l2(status.l2)
 
-        l1 = engine.l1
         evictions = CounterMetricFamily(
             "trio_kv_evictions", "Chunks evicted, by tier and reason.", labels=["tier", "reason"]
         )
-        for reason, count in sorted(l1.evictions_by_reason.items()):
+        for reason, count in status.l1_evictions.items():
             evictions.add_metric([L1_TIER, reason], count)
-        for l2 in _l2_tiers(engine):
-            for reason, count in sorted(l2.evictions_by_reason.items()):
-                evictions.add_metric([l2.name, reason], count)
+        for tier in status.l2:
+            for reason, count in sorted(tier.evictions_by_reason.items()):
+                evictions.add_metric([tier.name, reason], count)
         yield evictions
         refusals = CounterMetricFamily(
             "trio_kv_l1_refusals",
@@ -242,22 +252,22 @@ class _StateCollector:
             "capacity: everything else pinned).",
             labels=["reason"],
         )
-        for refusal, count in sorted(l1.refusals.items(), key=lambda item: item[0].value):
-            refusals.add_metric([refusal.value], count)
+        for reason, count in status.l1_refusals.items():
+            refusals.add_metric([reason], count)
         yield refusals
 
-        yield _gauge("trio_kv_l1_entries", "Chunks in L1.", len(l1))
-        yield _gauge("trio_kv_leases", "Lookup leases held.", len(engine.leases))
-        yield _gauge("trio_kv_sessions", "Hash sessions cached.", len(engine.sessions))
-        yield _gauge("trio_kv_instances", "Registered KV caches.", len(engine.instances))
-        yield _gauge("trio_kv_requests_in_flight", "Requests being handled.", engine.requests_in_flight)
+        yield _gauge("trio_kv_l1_entries", "Chunks in L1.", status.l1_entries)
+        yield _gauge("trio_kv_leases", "Lookup leases held.", status.leases)
+        yield _gauge("trio_kv_sessions", "Hash sessions cached.", status.sessions)
+        yield _gauge("trio_kv_instances", "Registered KV caches.", len(status.instances))
+        yield _gauge("trio_kv_requests_in_flight", "Requests being handled.", status.requests_in_flight)
         yield _gauge(
             "trio_kv_event_loop_lag_last_seconds",
             "The latest event-loop lag sample.",
             metrics.loop_lag_last_s,
         )
         info = GaugeMetricFamily("trio_kv_build_info", "The server's version.", labels=["version"])
-        info.add_metric([__version__], 1)
+        info.add_metric([status.server_version], 1)
         yield info
 
     def _traffic(self, metrics: ServerMetrics) -> Iterator[Metric]:
@@ -288,8 +298,7 @@ class _StateCollector:
             retrieved.add_metric([name], traffic.retrieved_bytes)
         yield from (lookups, hits, misses, stored, retrieved)
 
-    def _usage(self, metrics: ServerMetrics) -> Iterator[Metric]:
-        engine = metrics.engine
+    def _usage(self, status: StatusResult, quotas: QuotaBook) -> Iterator[Metric]:
         used = GaugeMetricFamily("trio_kv_tier_used_bytes", "Bytes held, by tier.", labels=["tier"])
         capacity = GaugeMetricFamily(
             "trio_kv_tier_capacity_bytes", "Capacity by tier (absent when unbounded).", labels=["tier"]
@@ -302,19 +311,18 @@ class _StateCollector:
             "Quota set per tier and salt (salt @default: the fallback for salts without their own).",
             labels=["tier", "salt"],
         )
-        ledgers = [(L1_TIER, engine.l1.ledger), *((a.name, a.ledger) for a in _l2_tiers(engine))]
-        for tier, ledger in ledgers:
-            used.add_metric([tier], ledger.total)
-            if ledger.capacity:
-                capacity.add_metric([tier], ledger.capacity)
-            for salt, nbytes in ledger.bytes_by_salt.items():
+        for tier, usage in [(L1_TIER, status.l1), *((t.name, t.usage) for t in status.l2)]:
+            used.add_metric([tier], usage.total_bytes_used)
+            if usage.total_capacity_bytes:
+                capacity.add_metric([tier], usage.total_capacity_bytes)
+            for salt, nbytes in usage.bytes_by_salt.items():
                 salt_used.add_metric([tier, salt_to_url_name(salt)], nbytes)
-        for quota_salt, limits in metrics.quotas.all().items():
+        for quota_salt, limits in quotas.all().items():
             for tier, limit in limits.items():
                 salt_quota.add_metric([tier, salt_to_url_name(quota_salt)], limit)
         yield from (used, capacity, salt_used, salt_quota)
 
-    def _l2(self, engine: CacheEngine) -> Iterator[Metric]:
+    def _l2(self, tiers: list[TierStatus]) -> Iterator[Metric]:
         depth = GaugeMetricFamily(
             "trio_kv_l2_queue_depth", "Chunks waiting for write-behind, by tier.", labels=["tier"]
         )
@@ -340,42 +348,34 @@ class _StateCollector:
         breaker = GaugeMetricFamily(
             "trio_kv_l2_breaker_open", "1 while the adapter's circuit breaker is open.", labels=["tier"]
         )
-        tiering = engine.tiering
-        for l2 in _l2_tiers(engine):
-            assert tiering is not None
-            name = l2.name
-            counters = tiering.counters(l2)
-            health = l2.health()
-            depth.add_metric([name], tiering.queue_depth(l2))
-            dropped.add_metric([name], counters.dropped)
+        for tier in tiers:
+            name = tier.name
+            depth.add_metric([name], tier.queue_depth)
+            dropped.add_metric([name], tier.dropped)
             for outcome, count in (
-                ("written", counters.written),
-                ("failed", counters.write_failures),
-                ("quota_skipped", counters.quota_skips),
-                ("timed_out", counters.write_timeouts),
-                ("skipped_evicted", counters.skipped_evicted),
+                ("written", tier.written),
+                ("failed", tier.write_failures),
+                ("quota_skipped", tier.quota_skips),
+                ("timed_out", tier.write_timeouts),
+                ("skipped_evicted", tier.skipped_evicted),
             ):
                 writes.add_metric([name, outcome], count)
             for outcome, count in (
-                ("loaded", counters.loads),
-                ("failed", counters.load_failures),
-                ("timed_out", counters.load_timeouts),
+                ("loaded", tier.loads),
+                ("failed", tier.load_failures),
+                ("timed_out", tier.load_timeouts),
             ):
                 loads.add_metric([name, outcome], count)
             for op, count in (
-                ("write", counters.write_failures),
-                ("load", counters.load_failures),
-                ("lookup", counters.lookup_errors),
-                ("evict", l2.errors),
+                ("write", tier.write_failures),
+                ("load", tier.load_failures),
+                ("lookup", tier.lookup_errors),
+                ("evict", tier.evict_errors),
             ):
                 errors.add_metric([name, op], count)
-            healthy.add_metric([name], 1 if health.healthy else 0)
-            breaker.add_metric([name], 1 if health.state == "breaker-open" else 0)
+            healthy.add_metric([name], 1 if tier.healthy else 0)
+            breaker.add_metric([name], 1 if tier.state == "breaker-open" else 0)
         yield from (depth, dropped, writes, loads, errors, healthy, breaker)
-
-
-def _l2_tiers(engine: CacheEngine) -> list[L2Tier]:
-    return engine.tiering.l2_tiers if engine.tiering is not None else []
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

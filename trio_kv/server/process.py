@@ -45,9 +45,10 @@ from ..protocol import (
     error_reply,
 )
 from ..transfer import arena_pinner, select_backend
-from .admin import AdminApp, start_admin
+from .admin import AdminApp
 from .config import ServerConfig
 from .dispatch import Dispatcher, asynchronous
+from .http import start_admin
 from .metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
