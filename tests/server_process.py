@@ -68,7 +68,7 @@ class ServerProcess:
             "--chunk-size",
             str(CHUNK_SIZE),
             "--l2",
-            f"fs:{self.fs_root}",
+            f"fs:{self.fs_root}?create=true",
             "--admin",
             "127.0.0.1:0",  # a free port: another server may hold the default one
             "--log-level",

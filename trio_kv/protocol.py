@@ -42,6 +42,7 @@ class Limits(msgspec.Struct, array_like=True, frozen=True):
     max_block_ids: int
     max_world_size: int
     max_keys_per_request: int = 1 << 18  # chunks x ranks one request may name
+    max_id_chars: int = 256  # request ids, instance ids and model names
 
 
 class HelloOk(_Message, tag="hello_ok"):
@@ -150,6 +151,8 @@ class StatusResult(_Message, tag="status_ok"):
     l2: list[TierStatus] = []
     l1_evictions: dict[str, int] = {}  # by reason: watermark, quota, ...
     l1_refusals: dict[str, int] = {}  # reservations refused, by reason: quota, capacity
+    session_bytes: int = 0  # what the hash sessions hold (bounded by max_session_bytes)
+    memory_bytes: dict[str, int] = {}  # estimated by part: l1_arena, l1_metadata, l2_metadata, sessions
 
 
 class Error(_Message, tag="error"):

@@ -65,11 +65,15 @@ class FsAdapter(L2Adapter):
         root: str,
         *,
         o_direct: bool = False,
+        create: bool = True,
         name: str | None = None,
         max_threads: int = 8,
     ) -> None:
         super().__init__(name or f"fs:{root}", max_threads=max_threads)
         self.root = os.path.abspath(root)
+        # Whether a missing root is made (the Python API's default) or is a problem; an --l2
+        # spec asks for it with ?create=true, so a typo never writes the cache somewhere new.
+        self.create = create
         self._opener = fs_io.FileOpener(self.name, self.root, direct=o_direct)
         self._reads_in_flight = 0
         self._writing: set[str] = set()  # temp files of puts in flight: recovery keeps them
@@ -191,7 +195,7 @@ class FsAdapter(L2Adapter):
     async def scan(self) -> AsyncIterator[tuple[ObjectKey, int]]:
         """Check the root (for ``health``), then every object under it (``fs_scan``)."""
         is_dir, self._problem = await trio.to_thread.run_sync(
-            fs_scan.check_root, self.root, limiter=self.limiter
+            fs_scan.check_root, self.root, self.create, limiter=self.limiter
         )
         if self._problem is not None:
             log.error("%s: %s", self.name, self._problem[1])

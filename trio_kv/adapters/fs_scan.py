@@ -31,10 +31,13 @@ SCAN_BATCH = 256  # files checked per thread call during recovery
 Candidate = tuple[str, str, codec.ParsedName]  # (path, name under the root, parsed name)
 
 
-def check_root(root: str) -> tuple[bool, tuple[str, str] | None]:
-    """Create ``root`` (in a thread). Returns whether it is a directory (else there is
-    nothing to scan) and, if it cannot be written or has no space, (state, reason)."""
+def check_root(root: str, create: bool = True) -> tuple[bool, tuple[str, str] | None]:
+    """Create ``root`` if ``create`` (in a thread). Returns whether it is a directory (else
+    there is nothing to scan) and, if it is missing, cannot be written or has no space,
+    (state, reason)."""
     problem: tuple[str, str] | None = None
+    if not create and not os.path.isdir(root):
+        return False, ("missing", f"{root} does not exist (create it, or add ?create=true to the spec)")
     try:
         os.makedirs(root, exist_ok=True)
         if not os.access(root, os.W_OK | os.X_OK):

@@ -44,7 +44,7 @@ def _bool(text: str) -> bool:
 
 
 _OPTIONS: dict[str, dict[str, Callable[[str], Any]]] = {
-    "fs": {**_COMMON, "o_direct": _bool},
+    "fs": {**_COMMON, "o_direct": _bool, "create": _bool},
     "s3": {
         **_COMMON,
         "endpoint": str,
@@ -113,7 +113,12 @@ def build_adapter(spec: AdapterSpec) -> L2Adapter:
     if spec.kind == "fs":
         from .fs import FsAdapter
 
-        return FsAdapter(spec.location, o_direct=options.get("o_direct", False), **common)
+        return FsAdapter(
+            spec.location,
+            o_direct=options.get("o_direct", False),
+            create=options.get("create", False),
+            **common,
+        )
     if spec.kind == "s3":
         from .s3 import S3Adapter
 

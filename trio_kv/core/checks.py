@@ -12,8 +12,21 @@ from ..keys import RequestKey, effective_end, token_count, validate_request_key
 from ..protocol import Limits
 
 
+def check_id(what: str, value: str, limits: Limits) -> None:
+    """Refuse an id (request id, instance id, model name) longer than ``max_id_chars``: each is
+    held in leases, sessions or the registry, so its length bounds what one peer can pin."""
+    if len(value) > limits.max_id_chars:
+        raise TrioKVError(
+            ErrorCode.LIMIT_EXCEEDED,
+            f"{what} of {len(value)} characters exceeds the limit of {limits.max_id_chars}",
+        )
+
+
 def check_key(key: RequestKey, limits: Limits, chunk_size: int, *, needs_rank: bool) -> None:
-    """Refuse a key over the server's limits (tokens, world size, chunk keys) or malformed."""
+    """Refuse a key over the server's limits (tokens, world size, chunk keys, id lengths) or
+    malformed."""
+    check_id("model", key.model, limits)
+    check_id("request_id", key.request_id, limits)
     if token_count(key) > limits.max_tokens_per_key:
         raise TrioKVError(
             ErrorCode.LIMIT_EXCEEDED,

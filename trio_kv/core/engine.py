@@ -45,7 +45,7 @@ from ..protocol import (
 )
 from ..transfer import CopyJob, CpuTransfer, MappedKVCache
 from .audit import audit_l1
-from .checks import check_blocks, check_key
+from .checks import check_blocks, check_id, check_key
 from .l1 import Entry, L1Store, Refusal
 from .leases import LeaseTable
 from .owners import OwnerWatch
@@ -54,7 +54,6 @@ from .status import engine_status
 from .tiering import Tiering
 
 FaultHook = Callable[[str], Awaitable[None]]
-MAX_INSTANCE_ID_CHARS = 256
 log = logging.getLogger(__name__)
 
 
@@ -63,6 +62,7 @@ class EngineSettings(msgspec.Struct, frozen=True):
     lease_ttl_s: float = 60.0
     session_ttl_s: float = 600.0
     max_sessions: int = 65536
+    max_session_bytes: int = 256 * 1024**2
     limits: Limits = Limits(
         max_message_bytes=16 * 1024 * 1024,
         max_tokens_per_key=1 << 20,
@@ -88,7 +88,11 @@ class CacheEngine:
         self.tiering = tiering
         self.faults = faults
         self.sessions = HashSessions(
-            settings.chunk_size, settings.session_ttl_s, settings.max_sessions, trio.current_time
+            settings.chunk_size,
+            settings.session_ttl_s,
+            settings.max_sessions,
+            trio.current_time,
+            max_bytes=settings.max_session_bytes,
         )
         self.leases = LeaseTable(l1)
         self.instances: dict[str, MappedKVCache] = {}
@@ -103,10 +107,9 @@ class CacheEngine:
 
     def register(self, request: RegisterKVCache) -> Registered:
         """Map an engine's KV cache. Registering a known instance id replaces it."""
-        if not request.instance_id or len(request.instance_id) > MAX_INSTANCE_ID_CHARS:
-            raise TrioKVError(
-                ErrorCode.INVALID_ARGUMENT, f"instance_id must be 1..{MAX_INSTANCE_ID_CHARS} characters"
-            )
+        max_chars = self.settings.limits.max_id_chars
+        if not request.instance_id or len(request.instance_id) > max_chars:
+            raise TrioKVError(ErrorCode.INVALID_ARGUMENT, f"instance_id must be 1..{max_chars} characters")
         if request.block_size < 1 or self.chunk_size % request.block_size:
             raise TrioKVError(
                 ErrorCode.BAD_REGISTRATION,
@@ -327,6 +330,7 @@ class CacheEngine:
         return RetrieveResult(hit_tokens=hit_chunks * self.chunk_size, chunks_written=len(jobs))
 
     def release(self, request: ReleaseLookup) -> Released:
+        check_id("request_id", request.request_id, self.settings.limits)
         end_chunk = None if request.end is None else request.end // self.chunk_size
         start_chunk = -(-request.start // self.chunk_size)
         released = self.leases.release_chunks(
@@ -335,6 +339,7 @@ class CacheEngine:
         return Released(leases_released=released)
 
     def end_session(self, request: EndSession) -> SessionEnded:
+        check_id("request_id", request.request_id, self.settings.limits)
         had = self.sessions.end(request.cache_salt, request.request_id)
         released = self.leases.release_all((request.cache_salt, request.request_id))
         return SessionEnded(leases_released=released, had_session=had)

@@ -12,6 +12,11 @@ from typing import TYPE_CHECKING
 from .. import __version__
 from ..protocol import InstanceInfo, StatusResult, TierStatus
 
+# Python objects behind each chunk L1 holds (entry, LRU and ledger slots) and each object an L2
+# tier's ledger knows, measured with tracemalloc on CPython 3.11 (docs/operating.md#memory).
+L1_METADATA_BYTES_PER_CHUNK = 750
+L2_METADATA_BYTES_PER_OBJECT = 320
+
 if TYPE_CHECKING:
     from .engine import CacheEngine
     from .tiering import Tiering
@@ -37,7 +42,21 @@ def engine_status(engine: CacheEngine) -> StatusResult:
         l1_refusals={
             refusal.value: n for refusal, n in sorted(l1.refusals.items(), key=lambda r: r[0].value)
         },
+        session_bytes=engine.sessions.nbytes,
+        memory_bytes=memory_estimate(engine),
     )
+
+
+def memory_estimate(engine: CacheEngine) -> dict[str, int]:
+    """What the server holds, by part: the L1 arena (allocated whole at start), metadata per
+    L1 chunk and per L2 object, and the hash sessions."""
+    l2_objects = 0 if engine.tiering is None else sum(len(t.l2.ledger) for t in engine.tiering.tiers)
+    return {
+        "l1_arena": engine.l1.capacity,
+        "l1_metadata": L1_METADATA_BYTES_PER_CHUNK * len(engine.l1),
+        "l2_metadata": L2_METADATA_BYTES_PER_OBJECT * l2_objects,
+        "sessions": engine.sessions.nbytes,
+    }
 
 
 def tier_statuses(tiering: Tiering) -> list[TierStatus]:

@@ -20,7 +20,7 @@ else:  # pragma: no cover
 DEFAULT_LISTEN = "ipc:///tmp/trio-kv.sock"
 ENV_PREFIX = "TRIO_KV_"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
-_SIZE_FIELDS = ("l1_size", "max_message_bytes")
+_SIZE_FIELDS = ("l1_size", "max_message_bytes", "max_session_bytes")
 _LIST_FIELDS = ("listen", "l2")
 
 
@@ -37,11 +37,13 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     lease_ttl_s: float = 60.0
     session_ttl_s: float = 600.0
     max_sessions: int = 65536
+    max_session_bytes: int = 256 * 1024**2
     max_message_bytes: int = 16 * 1024**2
     max_tokens_per_key: int = 1 << 20
     max_block_ids: int = 1 << 20
     max_world_size: int = 1024
     max_keys_per_request: int = 1 << 18
+    max_id_chars: int = 256
     workers: int = 64
     copy_threads: int = 2
     evict_high_watermark: float = 0.95
@@ -77,11 +79,13 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             "lease_ttl_s": self.lease_ttl_s,
             "session_ttl_s": self.session_ttl_s,
             "max_sessions": self.max_sessions,
+            "max_session_bytes": self.max_session_bytes,
             "max_message_bytes": self.max_message_bytes,
             "max_tokens_per_key": self.max_tokens_per_key,
             "max_block_ids": self.max_block_ids,
             "max_world_size": self.max_world_size,
             "max_keys_per_request": self.max_keys_per_request,
+            "max_id_chars": self.max_id_chars,
             "workers": self.workers,
             "copy_threads": self.copy_threads,
             "l2_queue_size": self.l2_queue_size,
@@ -101,7 +105,12 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ConfigError(f"log_level: {self.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
         if self.transfer not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"transfer: {self.transfer!r} is not one of auto, cpu, cuda")
-        self.l2_specs()
+        for spec in self.l2_specs():
+            if spec.kind == "fs" and not spec.options.get("create") and not os.path.isdir(spec.location):
+                raise ConfigError(
+                    f"l2: {spec.text!r}: the directory {spec.location} does not exist; create it first "
+                    "or add ?create=true"
+                )
         self.socket_permissions()
         if self.eviction_policy not in ("lru", "isolated"):
             raise ConfigError(f"eviction_policy: {self.eviction_policy!r} is not one of lru, isolated")

@@ -259,6 +259,15 @@ class _StateCollector:
         yield _gauge("trio_kv_l1_entries", "Chunks in L1.", status.l1_entries)
         yield _gauge("trio_kv_leases", "Lookup leases held.", status.leases)
         yield _gauge("trio_kv_sessions", "Hash sessions cached.", status.sessions)
+        yield _gauge("trio_kv_session_bytes", "Bytes the hash sessions hold.", status.session_bytes)
+        memory = GaugeMetricFamily(
+            "trio_kv_memory_estimate_bytes",
+            "Estimated memory held, by part (l1_arena, l1_metadata, l2_metadata, sessions).",
+            labels=["part"],
+        )
+        for part, nbytes in status.memory_bytes.items():
+            memory.add_metric([part], nbytes)
+        yield memory
         yield _gauge("trio_kv_instances", "Registered KV caches.", len(status.instances))
         yield _gauge("trio_kv_requests_in_flight", "Requests being handled.", status.requests_in_flight)
         yield _gauge(

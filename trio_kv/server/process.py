@@ -94,12 +94,14 @@ class Server:
             max_block_ids=config.max_block_ids,
             max_world_size=config.max_world_size,
             max_keys_per_request=config.max_keys_per_request,
+            max_id_chars=config.max_id_chars,
         )
         settings = EngineSettings(
             chunk_size=config.chunk_size,
             lease_ttl_s=config.lease_ttl_s,
             session_ttl_s=config.session_ttl_s,
             max_sessions=config.max_sessions,
+            max_session_bytes=config.max_session_bytes,
             limits=self.limits,
         )
         l2_specs = config.l2_specs()
