@@ -150,6 +150,7 @@ class StatusResult(_Message, tag="status_ok"):
     l2: list[TierStatus] = []
     l1_evictions: dict[str, int] = {}  # by reason: watermark, quota, ...
     l1_refusals: dict[str, int] = {}  # reservations refused, by reason: quota, capacity
+    layout_mismatches: int = 0  # retrieves that stopped at a chunk another KV layout stored
 
 
 class Error(_Message, tag="error"):

@@ -37,6 +37,7 @@ def engine_status(engine: CacheEngine) -> StatusResult:
         l1_refusals={
             refusal.value: n for refusal, n in sorted(l1.refusals.items(), key=lambda r: r[0].value)
         },
+        layout_mismatches=engine.layout_mismatches,
     )
 
 
