@@ -317,6 +317,7 @@ async def test_every_documented_family_is_exposed(mock_server, kv):
         "trio_kv_salt_quota_bytes": "gauge",
         "trio_kv_evictions": "counter",
         "trio_kv_l1_refusals": "counter",
+        "trio_kv_layout_mismatches": "counter",
         "trio_kv_l2_queue_depth": "gauge",
         "trio_kv_l2_queue_dropped": "counter",
         "trio_kv_l2_writes": "counter",

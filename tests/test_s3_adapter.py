@@ -14,6 +14,7 @@ import trio.testing
 from botocore.awsrequest import AWSResponse
 
 from trio_kv.adapters import AdapterError
+from trio_kv.adapters.base import Hit
 from trio_kv.adapters.breaker import BreakerState
 from trio_kv.adapters.s3 import MIN_PART_SIZE, BreakerOpen, S3Adapter
 from trio_kv.adapters.spec import parse_spec
@@ -98,6 +99,13 @@ async def test_put_then_get_into_returns_the_same_bytes(tier):
     buffer = empty()
     assert await tier.get_into(key(1), buffer)
     assert bytes(buffer) == bytes(payload(1))
+
+
+async def test_an_object_carries_the_layout_fingerprint_of_its_kv_cache(tier):
+    await tier.put(key(1), payload(1), "0123456789abcdef")
+    await tier.put(key(2), payload(2))
+    assert await tier.get_into(key(1), empty()) == Hit("0123456789abcdef")
+    assert await tier.get_into(key(2), empty()) == Hit("")  # as objects written before layouts
 
 
 async def test_a_second_put_of_a_present_key_sends_nothing_and_counts_nothing(tier):

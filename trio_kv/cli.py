@@ -116,6 +116,11 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     cpu.add_argument("--rounds", type=int, default=3, help="timed rounds; the best is reported (default 3)")
     cpu.add_argument("--layers", type=int, default=32, help="model layers (default 32)")
     cpu.add_argument("--lookups", type=int, default=2000, help="lookups timed (default 2000)")
+    cpu.add_argument(
+        "--plain-file",
+        action="store_true",
+        help="a plain file under /dev/shm (copied with preadv/pwritev) instead of a sealed memfd",
+    )
     for module in _bench_modules().values():
         module.add_parser(bench_sub)
 

@@ -153,6 +153,7 @@ class StatusResult(_Message, tag="status_ok"):
     l1_refusals: dict[str, int] = {}  # reservations refused, by reason: quota, capacity
     session_bytes: int = 0  # what the hash sessions hold (bounded by max_session_bytes)
     memory_bytes: dict[str, int] = {}  # estimated by part: l1_arena, l1_metadata, l2_metadata, sessions
+    layout_mismatches: int = 0  # retrieves that stopped at a chunk another KV layout stored
 
 
 class Error(_Message, tag="error"):

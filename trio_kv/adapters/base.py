@@ -30,6 +30,13 @@ class Unavailable(AdapterError):
     still there; a scan that raises it can be tried again once ``wait_available`` returns."""
 
 
+class Hit(msgspec.Struct, frozen=True):
+    """A read that filled the buffer. ``layout``: the fingerprint of the KV layout that
+    stored the object ("" for objects written without one)."""
+
+    layout: str = ""
+
+
 class AdapterHealth(msgspec.Struct, frozen=True):
     healthy: bool
     state: str = "ok"  # e.g. "ok", "breaker-open", "degraded"
@@ -47,12 +54,13 @@ class L2Adapter(abc.ABC):
         self.limiter = trio.CapacityLimiter(max_threads)
 
     @abc.abstractmethod
-    async def put(self, key: ObjectKey, payload: memoryview) -> None:
-        """Publish ``payload`` under ``key`` atomically; raise AdapterError on failure."""
+    async def put(self, key: ObjectKey, payload: memoryview, layout: str = "") -> None:
+        """Publish ``payload`` under ``key`` atomically, with the fingerprint of the KV layout
+        that stored it; raise AdapterError on failure."""
 
     @abc.abstractmethod
-    async def get_into(self, key: ObjectKey, buffer: memoryview) -> bool:
-        """Fill ``buffer`` with the object's bytes; False if absent, corrupt or of another size."""
+    async def get_into(self, key: ObjectKey, buffer: memoryview) -> Hit | None:
+        """Fill ``buffer`` with the object's bytes; None if absent, corrupt or of another size."""
 
     @abc.abstractmethod
     async def contains(self, keys: Sequence[ObjectKey]) -> list[bool]:

@@ -11,6 +11,10 @@
   adapters also store the full key beside the payload (``encode_key_record``)
   and read it back when ``parse_name`` says the name is a digest name.
 * The chunk hash's first byte shards objects over 256 directories.
+* The key record also carries the fingerprint of the KV layout that stored the
+  payload (appended; records written before it decode with "", records with it
+  decode in older readers, which ignore trailing fields). It is not in the name:
+  lookups, which name no KV cache, must find an object whatever its layout.
 
 A future ``v2`` must keep ``parse_name`` reading ``v1`` names.
 """
@@ -37,6 +41,7 @@ class _KeyRecord(msgspec.Struct, array_like=True):
     rank: int
     chunk_hash: bytes
     cache_salt: str
+    layout: str = ""
 
 
 def _component(tag: str, text: str) -> str:
@@ -87,11 +92,20 @@ def parse_name(name: str) -> ParsedName | None:
     return ParsedName(key=key, digest_named=False)
 
 
-def encode_key_record(key: ObjectKey) -> bytes:
-    """The full key as bytes, stored beside the payload (file header, object metadata)."""
+def encode_key_record(key: ObjectKey, layout: str = "") -> bytes:
+    """The full key and the payload's layout fingerprint as bytes, stored beside the payload
+    (file header, object metadata)."""
     return msgspec.msgpack.encode(
-        _KeyRecord(key.model, key.world_size, key.rank, key.chunk_hash, key.cache_salt)
+        _KeyRecord(key.model, key.world_size, key.rank, key.chunk_hash, key.cache_salt, layout)
     )
+
+
+def record_layout(data: bytes) -> str:
+    """The layout fingerprint a key record carries; "" if none (or not a key record)."""
+    try:
+        return msgspec.msgpack.decode(data, type=_KeyRecord).layout
+    except msgspec.MsgspecError:
+        return ""
 
 
 def decode_key_record(data: bytes) -> ObjectKey:

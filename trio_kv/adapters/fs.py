@@ -40,7 +40,7 @@ import trio
 
 from ..keys import ObjectKey
 from . import codec, fs_format, fs_io, fs_scan
-from .base import AdapterError, AdapterHealth, L2Adapter
+from .base import AdapterError, AdapterHealth, Hit, L2Adapter
 from .fs_io import ReadOutcome
 
 log = logging.getLogger(__name__)
@@ -102,11 +102,11 @@ class FsAdapter(L2Adapter):
 
     # ------------------------------------------------------------ put
 
-    async def put(self, key: ObjectKey, payload: memoryview) -> None:
+    async def put(self, key: ObjectKey, payload: memoryview, layout: str = "") -> None:
         payload = fs_io.bytes_view(payload)
         path = self.path_of(key)
         temp = fs_io.temp_path_for(path)
-        record = codec.encode_key_record(key)
+        record = codec.encode_key_record(key, layout)
         self._writing.add(temp)
         try:
             args = (self._opener, temp, record, payload, self.segment_size)
@@ -134,7 +134,7 @@ class FsAdapter(L2Adapter):
 
     # ------------------------------------------------------------ get
 
-    async def get_into(self, key: ObjectKey, buffer: memoryview) -> bool:
+    async def get_into(self, key: ObjectKey, buffer: memoryview) -> Hit | None:
         buffer = fs_io.bytes_view(buffer)
         path = self.path_of(key)
         parts = self._read_parts(len(buffer))
@@ -166,7 +166,9 @@ class FsAdapter(L2Adapter):
         if invalid:
             self.invalid_removed += 1
             log.warning("%s: removed invalid %s: %s", self.name, path, invalid[0])
-        return all(outcome is ReadOutcome.HIT for outcome, _ in results)
+        if not all(outcome is ReadOutcome.HIT for outcome, _ in results):
+            return None
+        return Hit(layout=results[0][1])  # every part read the same header
 
     def _read_parts(self, size: int) -> int:
         """READ_PARTS threads for a large object unless other reads already keep the CPUs

@@ -24,7 +24,7 @@ import threading
 from collections.abc import Sequence
 
 from ..keys import ObjectKey
-from . import fs_format
+from . import codec, fs_format
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,8 @@ def read_object_part(
     opener: FileOpener, path: str, key: ObjectKey, buffer: memoryview, part: int, parts: int
 ) -> tuple[ReadOutcome, str]:
     """Check the header of the object at ``path`` and read and verify part ``part`` of
-    ``parts`` into ``buffer``. Returns the outcome and, for an invalid (removed) file, why."""
+    ``parts`` into ``buffer``. Returns the outcome and, for an invalid (removed) file, why;
+    for a hit, the layout fingerprint its key record carries ("" if none)."""
     try:
         fd, direct = opener.open(path, os.O_RDONLY)
     except (FileNotFoundError, NotADirectoryError):
@@ -137,7 +138,7 @@ def read_object_part(
                 lo, hi = fs_format.part_range(header.payload_len, header.segment_size, part, parts)
                 problem = read_verified(fd, header, buffer, lo, hi, bounce)
         if problem is None:
-            return ReadOutcome.HIT, ""
+            return ReadOutcome.HIT, codec.record_layout(header.key_record)
         remove_invalid(path, fd)
         return ReadOutcome.INVALID, problem
     finally:

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Sequence
 import trio
 
 from ..keys import ObjectKey
-from .base import AdapterError, AdapterHealth, L2Adapter
+from .base import AdapterError, AdapterHealth, Hit, L2Adapter
 
 
 class MockAdapter(L2Adapter):
@@ -33,6 +33,7 @@ class MockAdapter(L2Adapter):
     ) -> None:
         super().__init__(name, max_threads=max_threads)
         self.objects: dict[ObjectKey, bytes] = {}
+        self.layouts: dict[ObjectKey, str] = {}  # each object's layout fingerprint
         self.latency_s = latency_s
         self.bandwidth_bps = bandwidth_bps
         self.fail_rate = fail_rate
@@ -64,18 +65,19 @@ class MockAdapter(L2Adapter):
         if self.fail_rate and op in self.fail_ops and self._random.random() < self.fail_rate:
             raise AdapterError(f"{self.name}: injected failure in {op}")
 
-    async def put(self, key: ObjectKey, payload: memoryview) -> None:
+    async def put(self, key: ObjectKey, payload: memoryview, layout: str = "") -> None:
         await self._io("put", len(payload))
         self.objects[key] = bytes(payload)
+        self.layouts[key] = layout
 
-    async def get_into(self, key: ObjectKey, buffer: memoryview) -> bool:
+    async def get_into(self, key: ObjectKey, buffer: memoryview) -> Hit | None:
         data = self.objects.get(key)
         await self._io("get", len(data) if data is not None else 0)
         data = self.objects.get(key)
         if data is None or len(data) != len(buffer):
-            return False
+            return None
         buffer[:] = data
-        return True
+        return Hit(self.layouts.get(key, ""))
 
     async def contains(self, keys: Sequence[ObjectKey]) -> list[bool]:
         await self._io("contains")
@@ -85,6 +87,7 @@ class MockAdapter(L2Adapter):
         await self._io("delete")
         for key in keys:
             self.objects.pop(key, None)
+            self.layouts.pop(key, None)
 
     async def scan(self) -> AsyncIterator[tuple[ObjectKey, int]]:
         for key, data in list(self.objects.items()):

@@ -47,7 +47,7 @@ import trio
 
 from ..keys import ObjectKey
 from . import codec
-from .base import AdapterError, AdapterHealth, L2Adapter, Unavailable
+from .base import AdapterError, AdapterHealth, Hit, L2Adapter, Unavailable
 from .breaker import BreakerState, CircuitBreaker
 from .s3_transport import (
     MIN_PART_SIZE,
@@ -186,15 +186,24 @@ class S3Adapter(L2Adapter):
 
     # ------------------------------------------------------------ primitives
 
-    async def put(self, key: ObjectKey, payload: memoryview) -> None:
-        metadata = {METADATA_KEY: base64.b64encode(codec.encode_key_record(key)).decode("ascii")}
+    async def put(self, key: ObjectKey, payload: memoryview, layout: str = "") -> None:
+        record = codec.encode_key_record(key, layout)
+        metadata = {METADATA_KEY: base64.b64encode(record).decode("ascii")}
         await self.transport.put_object(self.object_name(key), _bytes_view(payload), metadata)
 
-    async def get_into(self, key: ObjectKey, buffer: memoryview) -> bool:
-        """While the breaker is open: Unavailable, without calling the endpoint."""
+    async def get_into(self, key: ObjectKey, buffer: memoryview) -> Hit | None:
+        """While the breaker is open: Unavailable, without calling the endpoint. The layout
+        fingerprint comes from the key record in the object's metadata."""
         if self.transport.skip_while_open():
             raise Unavailable(f"{self.name}: circuit breaker open")
-        return await self.transport.get_object_into(self.object_name(key), _bytes_view(buffer))
+        metadata = await self.transport.get_object_into(self.object_name(key), _bytes_view(buffer))
+        if metadata is None:
+            return None
+        try:
+            record = base64.b64decode(metadata.get(METADATA_KEY, ""), validate=True)
+        except ValueError:
+            record = b""
+        return Hit(layout=codec.record_layout(record))
 
     async def contains(self, keys: Sequence[ObjectKey]) -> list[bool]:
         if self.transport.skip_while_open():

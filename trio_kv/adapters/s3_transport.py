@@ -232,31 +232,36 @@ class S3Transport:
                     )
             raise
 
-    async def get_object_into(self, name: str, buffer: memoryview) -> bool:
+    async def get_object_into(self, name: str, buffer: memoryview) -> dict[str, str] | None:
         """Read the object ``name`` into ``buffer`` (bytes, 1-D), in ranges above the
-        threshold. False if it is absent or not exactly ``len(buffer)`` bytes long."""
+        threshold. Its user metadata, or None if it is absent or not exactly ``len(buffer)``
+        bytes long."""
         if len(buffer) <= self.multipart_threshold:
             return await self.request(f"GET {name}", functools.partial(self._get_range, name, buffer, None))
         ranges = [slice(start, start + self.part_size) for start in range(0, len(buffer), self.part_size)]
-        hits = [False] * len(ranges)
+        hits: list[dict[str, str] | None] = [None] * len(ranges)
 
         async def read(index: int) -> None:
             call = functools.partial(self._get_range, name, buffer, ranges[index])
             hits[index] = await self.request(f"GET {name} part {index + 1}", call)
 
         await self.run_all([functools.partial(read, i) for i in range(len(ranges))])
-        return all(hits)
+        if not all(hit is not None for hit in hits):
+            return None
+        return hits[0]
 
-    def _get_range(self, name: str, buffer: memoryview, part: slice | None, abort: threading.Event) -> bool:
-        """Read the object (or bytes ``part`` of it) into ``buffer`` (in a thread). False if
-        the object is absent or is not exactly ``len(buffer)`` bytes long."""
+    def _get_range(
+        self, name: str, buffer: memoryview, part: slice | None, abort: threading.Event
+    ) -> dict[str, str] | None:
+        """Read the object (or bytes ``part`` of it) into ``buffer`` (in a thread); its user
+        metadata, or None if the object is absent or is not exactly ``len(buffer)`` bytes long."""
         target = buffer if part is None else buffer[part]
         extra = {} if part is None else {"Range": f"bytes={part.start}-{part.start + len(target) - 1}"}
         try:
             answer = self.client.get_object(Bucket=self.bucket, Key=name, **extra)
         except botocore.exceptions.ClientError as exc:
             if status_of(exc) in (404, 416):  # absent, or shorter than the range
-                return False
+                return None
             raise
         body = answer["Body"]
         total = answer["ContentLength"]
@@ -264,9 +269,9 @@ class S3Transport:
             total = int(str(answer.get("ContentRange", "/-1")).rpartition("/")[2])
         if total != len(buffer) or answer["ContentLength"] != len(target):
             body.close()
-            return False
+            return None
         read_body_into(body, target, abort)
-        return True
+        return dict(answer.get("Metadata", {}))
 
     # ------------------------------------------------------------ calls
 

@@ -100,6 +100,7 @@ class CacheEngine:
         self.owners = OwnerWatch(self._owner_exited)
         self.started_at = time.monotonic()
         self.requests_in_flight = 0
+        self.layout_mismatches = 0  # retrieves stopped at a chunk another KV layout stored
         self._housekeeping_wakeup = trio.Event()
         self._scheduled_expiry = math.inf
 
@@ -195,6 +196,7 @@ class CacheEngine:
                     else:
                         no_room = n_chunks - index
                     break
+                entry.layout = cache.layout.fingerprint
                 reserved.append((index, entry))
             await self._fault_point("store.before_copy")
             if reserved:
@@ -307,6 +309,9 @@ class CacheEngine:
                     continue
                 entry = self.l1.get_ready(okey)
                 if entry is None or entry.nbytes != chunk_bytes:
+                    break
+                if entry.layout and entry.layout != cache.layout.fingerprint:
+                    self.layout_mismatches += 1  # same size, other bytes: a miss, never a wrong hit
                     break
                 self.l1.pin_reader(entry)
                 readers.append(entry)

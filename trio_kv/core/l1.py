@@ -41,13 +41,16 @@ class EntryState(enum.Enum):
 
 
 class Entry:
-    __slots__ = ("doomed", "key", "leases", "nbytes", "offset", "readers", "size", "state")
+    __slots__ = ("doomed", "key", "layout", "leases", "nbytes", "offset", "readers", "size", "state")
 
     def __init__(self, key: ObjectKey, offset: int, size: int, nbytes: int) -> None:
         self.key = key
         self.offset = offset
         self.size = size  # bytes taken in the arena (aligned)
         self.nbytes = nbytes  # payload bytes
+        # The fingerprint of the KV layout that stored the bytes ("" unknown: an L2 object
+        # written before objects carried one); retrieves by another layout miss.
+        self.layout = ""
         self.state = EntryState.WRITING
         self.leases = 0
         self.readers = 0

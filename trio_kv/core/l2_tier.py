@@ -17,7 +17,7 @@ from typing import Any, Generic, TypeVar
 
 import trio
 
-from ..adapters.base import AdapterError, AdapterHealth, L2Adapter, Unavailable
+from ..adapters.base import AdapterError, AdapterHealth, Hit, L2Adapter, Unavailable
 from ..adapters.spec import AdapterSpec, build_adapter
 from ..keys import ObjectKey
 from ..protocol import AdapterUsage
@@ -102,31 +102,32 @@ class L2Tier(Generic[AdapterT]):
 
     # ------------------------------------------------------------ objects
 
-    async def put(self, key: ObjectKey, payload: memoryview) -> bool:
-        """Store one object. Returns False (without writing) if it is already stored.
+    async def put(self, key: ObjectKey, payload: memoryview, layout: str = "") -> bool:
+        """Store one object (with the fingerprint of the KV layout that stored it). Returns False (without writing) if it is already stored.
         A tenant at its quota first evicts its own least recent objects; if that cannot
         make room, QuotaExceeded is raised and nothing is written."""
         if key in self.ledger:
             self.ledger.touch([key])
             return False
         await self._admit(key.cache_salt, len(payload))
-        await self.adapter.put(key, payload)
+        await self.adapter.put(key, payload, layout)
         self.ledger.add([key], [len(payload)])
         if self._over_high_watermark():
             self._evict_wakeup.set()
         return True
 
-    async def get_into(self, key: ObjectKey, buffer: memoryview) -> bool:
-        """Read one object into ``buffer`` (exactly its size). True on a hit. A miss forgets
-        the key, unless the adapter could not ask its store (Unavailable)."""
+    async def get_into(self, key: ObjectKey, buffer: memoryview) -> Hit | None:
+        """Read one object into ``buffer`` (exactly its size). A Hit (with the object's layout
+        fingerprint) or None. A miss forgets the key, unless the adapter could not ask its
+        store (Unavailable)."""
         if key in self._deleting:
             await trio.lowlevel.checkpoint()
-            return False
+            return None
         self.pin(key)
         try:
             hit = await self.adapter.get_into(key, buffer)
         except Unavailable:
-            return False  # most likely still there: the ledger keeps it
+            return None  # most likely still there: the ledger keeps it
         finally:
             self.unpin(key)
         if hit:

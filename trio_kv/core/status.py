@@ -44,6 +44,7 @@ def engine_status(engine: CacheEngine) -> StatusResult:
         },
         session_bytes=engine.sessions.nbytes,
         memory_bytes=memory_estimate(engine),
+        layout_mismatches=engine.layout_mismatches,
     )
 
 

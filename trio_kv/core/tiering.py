@@ -179,7 +179,7 @@ class Tiering:
 
     async def _put(self, tier: _Tier, entry: Entry, done: trio.Event) -> None:
         try:
-            await tier.l2.put(entry.key, self.l1.buffer(entry))
+            await tier.l2.put(entry.key, self.l1.buffer(entry), entry.layout)
             tier.counters.written += 1
         except QuotaExceeded:
             tier.counters.quota_skips += 1
@@ -340,8 +340,10 @@ class Tiering:
         tier, entry = load.tier, load.entry
         try:
             async with self._load_limiter:
-                load.hit = await tier.l2.get_into(entry.key, self.l1.buffer(entry))
-            if load.hit:
+                hit = await tier.l2.get_into(entry.key, self.l1.buffer(entry))
+            load.hit = hit is not None
+            if hit is not None:
+                entry.layout = hit.layout  # a retrieve by another KV layout misses it
                 tier.counters.loads += 1
             else:
                 tier.counters.load_failures += 1

@@ -165,8 +165,11 @@ def create_shared_tensors(
     return SharedKVCache(path, cursor, block_size, tensors, specs, region, seal)
 
 
-def open_registered_region(request: RegisterKVCache, allowed_dir: str) -> torch.Tensor:
-    """Map a client's shared-memory file after checking where it is and how large it is."""
+def open_registered_file(request: RegisterKVCache, allowed_dir: str) -> int:
+    """Open a client's plain shared-memory file (O_RDWR) after checking where it is and
+    how large it is; returns the descriptor. The server copies through it with
+    preadv/pwritev and never maps it: the file can be truncated under the server, and a
+    mapping touched past a shrunken file's end raises SIGBUS."""
     path = os.path.realpath(request.shm_path)
     root = os.path.realpath(allowed_dir)
     if os.path.commonpath([path, root]) != root:
@@ -174,16 +177,21 @@ def open_registered_region(request: RegisterKVCache, allowed_dir: str) -> torch.
             ErrorCode.BAD_REGISTRATION, f"shared-memory file {request.shm_path!r} is not under {root}"
         )
     try:
-        info = os.stat(path)
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError as exc:
         raise TrioKVError(
             ErrorCode.BAD_REGISTRATION, f"cannot open {request.shm_path!r}: {exc.strerror}"
         ) from None
-    if not stat.S_ISREG(info.st_mode):
-        raise TrioKVError(ErrorCode.BAD_REGISTRATION, f"{request.shm_path!r} is not a regular file")
-    if request.shm_bytes < 1 or request.shm_bytes > info.st_size:
-        raise TrioKVError(
-            ErrorCode.BAD_REGISTRATION,
-            f"declared {request.shm_bytes} bytes but {request.shm_path!r} holds {info.st_size}",
-        )
-    return map_file(path, request.shm_bytes)
+    try:
+        info = os.fstat(fd)  # of what was opened, not of what the path names now
+        if not stat.S_ISREG(info.st_mode):
+            raise TrioKVError(ErrorCode.BAD_REGISTRATION, f"{request.shm_path!r} is not a regular file")
+        if request.shm_bytes < 1 or request.shm_bytes > info.st_size:
+            raise TrioKVError(
+                ErrorCode.BAD_REGISTRATION,
+                f"declared {request.shm_bytes} bytes but {request.shm_path!r} holds {info.st_size}",
+            )
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd

@@ -255,6 +255,12 @@ class _StateCollector:
         for reason, count in status.l1_refusals.items():
             refusals.add_metric([reason], count)
         yield refusals
+        mismatches = CounterMetricFamily(
+            "trio_kv_layout_mismatches",
+            "Retrieves that stopped at a chunk stored by another KV layout (served as a miss).",
+        )
+        mismatches.add_metric([], status.layout_mismatches)
+        yield mismatches
 
         yield _gauge("trio_kv_l1_entries", "Chunks in L1.", status.l1_entries)
         yield _gauge("trio_kv_leases", "Lookup leases held.", status.leases)

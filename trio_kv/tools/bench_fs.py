@@ -131,7 +131,7 @@ def _remove(paths: Sequence[str]) -> None:
 
 async def _in_flight(
     calls: Sequence[tuple[ObjectKey, memoryview]],
-    call: Callable[[ObjectKey, memoryview], Awaitable[bool]],
+    call: Callable[[ObjectKey, memoryview], Awaitable[object]],  # truthy: stored or hit
     concurrency: int = CONCURRENCY,
 ) -> float:
     """Seconds to run ``call(key, view)`` for every pair, ``concurrency`` at a time."""

@@ -1,5 +1,5 @@
 """A fault-injection soak: many clients, random requests, adapters that fail and stall, clients
-killed mid-request. At the end every lease must be released, every ledger must equal a recount
+killed mid-request, engines that truncate their plain KV file under the server. At the end every lease must be released, every ledger must equal a recount
 of what is stored, no task may be left behind and no retrieved byte may differ.
 
 Used by ``trio-kv bench soak`` (as long as asked) and by the test suite (about 30 seconds).
@@ -8,6 +8,7 @@ Used by ``trio-kv bench soak`` (as long as asked) and by the test suite (about 3
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import resource
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import trio
 from ..adapters.mock import MockAdapter
 from ..client import AsyncClient
 from ..core.l2_tier import L2Tier
-from ..errors import TrioKVError
+from ..errors import ErrorCode, TrioKVError
 from ..export.shm import SharedKVCache, create_shared_kv_cache
 from ..keys import RequestKey
 from ..testing import running_server
@@ -51,6 +52,8 @@ class SoakReport(msgspec.Struct):
     l2_writes: int
     l2_evictions: int
     rss_growth_after_warmup_mib: float
+    truncations: int = 0  # plain KV files truncated under the server by their engine
+    truncation_surprises: int = 0  # copies from or into a truncated file that did not fail
 
 
 @dataclass
@@ -62,6 +65,8 @@ class _Counts:
     abandoned: int = 0
     mismatches: int = 0
     verified: int = 0
+    truncations: int = 0
+    truncation_surprises: int = 0
     rss_samples: list[float] = field(default_factory=list)
 
 
@@ -199,6 +204,44 @@ def create_expected(kv: SharedKVCache, salt: str, tokens: list[int], n_blocks: i
     return [scratch.block_bytes(b) for b in blocks]
 
 
+async def _truncation_loop(url: str, deadline: float, counts: _Counts, seed: int) -> None:
+    """An engine that registers a plain (unsealed) KV file, stores, truncates the file to 0
+    and stores and retrieves again: both must fail with TRANSFER_FAILED and the server live."""
+    rng = random.Random(seed * 7919)
+    blocks = list(range(4 * CHUNK // BLOCK))
+    async with await AsyncClient.connect(url, timeout_s=10) as client:
+        while trio.current_time() < deadline:
+            tokens = [rng.randrange(50_000) for _ in range(4 * CHUNK)]
+            fresh = [rng.randrange(50_000) for _ in range(4 * CHUNK)]
+            with create_shared_kv_cache(
+                num_blocks=len(blocks),
+                block_size=BLOCK,
+                num_layers=2,
+                num_kv_heads=2,
+                head_size=32,
+                sealed=False,
+            ) as kv:
+                await client.register_kv_cache("truncator", kv)
+                await client.store("truncator", RequestKey("m", 1, 0, tokens), blocks)
+                os.truncate(kv.path, 0)
+                counts.truncations += 1
+                for attempt in ("store", "retrieve"):
+                    try:
+                        if attempt == "store":
+                            moved = (
+                                await client.store("truncator", RequestKey("m", 1, 0, fresh), blocks)
+                            ).stored
+                        else:
+                            got = await client.retrieve("truncator", RequestKey("m", 1, 0, tokens), blocks)
+                            moved = got.chunks_written
+                    except TrioKVError as exc:
+                        moved = 0 if exc.code == ErrorCode.TRANSFER_FAILED else -1
+                    if moved:  # bytes moved from or into an empty file, or another error
+                        counts.truncation_surprises += 1
+                await client.unregister("truncator")
+            await trio.sleep(rng.uniform(0.05, 0.2))
+
+
 async def _chaos(adapters: list[MockAdapter], deadline: float, counts: _Counts, seed: int) -> None:
     """Adapters fail, stall and recover at random until the deadline, then recover for good."""
     rng = random.Random(seed)
@@ -264,6 +307,7 @@ async def run_soak(seconds: float, *, clients: int = 8, seed: int = 1) -> SoakRe
             counts.rss_samples.append(_rss_mib())
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_chaos, adapters, deadline, counts, seed)
+                nursery.start_soon(_truncation_loop, server.url, deadline, counts, seed)
                 for index in range(clients):
                     nursery.start_soon(_client_loop, index, server.url, kv, deadline, counts, seed)
             # Quiesce: requests finish, write-behind drains, abandoned calls land, leases expire.
@@ -298,6 +342,8 @@ async def run_soak(seconds: float, *, clients: int = 8, seed: int = 1) -> SoakRe
                 l2_writes=sum(t.written for t in engine.status().l2),
                 l2_evictions=sum(t.evictions for t in l2_tiers),
                 rss_growth_after_warmup_mib=counts.rss_samples[-1] - warm,
+                truncations=counts.truncations,
+                truncation_surprises=counts.truncation_surprises,
             )
     for scratch in _scratch.values():
         scratch.close()

@@ -8,11 +8,14 @@ repeat that range at fixed offsets ("pieces"). A block's bytes are therefore
 back are coalesced into one (vLLM's cross-layer layout gives one piece per block).
 
 A chunk in L1 is laid out segment by segment (one segment per tensor piece),
-each segment holding that piece for every block of the chunk in order.
+each segment holding that piece for every block of the chunk in order. The
+layout's ``fingerprint`` names that arrangement: two registrations share chunks
+only if their fingerprints are equal (equal bytes per block are not enough).
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 from collections.abc import Sequence
@@ -53,6 +56,7 @@ class KVLayout(msgspec.Struct, frozen=True):
     block_size: int  # tokens per block
     block_bytes: int  # bytes per block over every segment
     width: int  # widest element (1, 2, 4 or 8 bytes) that divides every offset and length
+    fingerprint: str = ""  # of the chunk's byte arrangement (``layout_fingerprint``); "" unknown
 
     def chunk_bytes(self, blocks_per_chunk: int) -> int:
         return self.block_bytes * blocks_per_chunk
@@ -116,6 +120,22 @@ def _segments_of(index: int, spec: TensorSpec, region_bytes: int) -> tuple[int, 
     return num_blocks, [Segment(o, block_stride, piece_bytes) for o in offsets]
 
 
+def _arrangement(spec: TensorSpec) -> tuple[str, int, list[tuple[int, int]]]:
+    """What fixes how a tensor's bytes sit in a chunk: its dtype, where its block dim is, and
+    its other dims (index, size) from outermost to innermost in memory. Not the block count,
+    offsets or stride values, which differ between registrations of the same layout."""
+    dims = [(spec.strides[d], d, spec.shape[d]) for d in range(len(spec.shape)) if d != spec.block_dim]
+    order = [(d, n) for _, d, n in sorted(dims, key=lambda dim: (-dim[0], dim[1])) if n > 1]
+    return spec.dtype, spec.block_dim, order
+
+
+def layout_fingerprint(tensors: Sequence[TensorSpec], block_size: int) -> str:
+    """A short hash of the byte arrangement of a chunk: per-layer or cross-layer, the layer
+    count, the K/V split, dtype and block shape (tensor by tensor, in order)."""
+    described = [block_size, *(_arrangement(spec) for spec in tensors)]
+    return hashlib.blake2b(msgspec.msgpack.encode(described), digest_size=8).hexdigest()
+
+
 def plan_layout(tensors: Sequence[TensorSpec], block_size: int, region_bytes: int) -> KVLayout:
     """Validate a registration and derive its copy plan; raises BAD_REGISTRATION on any fault."""
     if not tensors:
@@ -144,4 +164,5 @@ def plan_layout(tensors: Sequence[TensorSpec], block_size: int, region_bytes: in
         block_size=block_size,
         block_bytes=sum(s.piece_bytes for s in segments),
         width=width,
+        fingerprint=layout_fingerprint(tensors, block_size),
     )

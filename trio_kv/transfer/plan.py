@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import ErrorCode, TrioKVError
 from ..protocol import CudaRegistration, TensorSpec
-from .layout import MAX_TENSORS, KVLayout, Segment, plan_layout
+from .layout import MAX_TENSORS, KVLayout, Segment, layout_fingerprint, plan_layout
 
 IPC_HANDLE_BYTES = 64  # CU_IPC_HANDLE_SIZE (cuda_driver checks the same)
 DEVICE_UUID_BYTES = 16
@@ -90,6 +90,7 @@ def device_layout(
         block_size=block_size,
         block_bytes=sum(s.piece_bytes for s in segments),
         width=width,
+        fingerprint=layout_fingerprint(tensors, block_size),
     )
 
 
