@@ -38,7 +38,7 @@ import botocore.config
 import botocore.exceptions
 import trio
 
-from .base import AdapterError
+from .base import AdapterError, Unavailable
 from .breaker import BreakerState, CircuitBreaker
 from .s3_body import PayloadReader, read_body_into
 
@@ -66,8 +66,9 @@ _CONNECTION_ERRORS = (
 Call = Callable[[threading.Event], T]  # runs in a worker thread; the event is its abort flag
 
 
-class BreakerOpen(AdapterError):
-    """The call was not sent: the circuit breaker is open."""
+class BreakerOpen(Unavailable):
+    """The call was not sent: the circuit breaker is open (a kind of Unavailable, so a put
+    refused this way counts as a breaker skip, not as a failed write)."""
 
 
 class Failure(enum.Enum):

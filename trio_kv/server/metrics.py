@@ -333,7 +333,8 @@ class _StateCollector:
         )
         writes = CounterMetricFamily(
             "trio_kv_l2_writes",
-            "Write-behind outcomes: written, failed, quota_skipped, timed_out, skipped_evicted.",
+            "Write-behind outcomes: written, failed, breaker_skipped, quota_skipped, timed_out,"
+            " skipped_evicted, skipped_orphan; lost counts every chunk never written (dropped included).",
             labels=["tier", "outcome"],
         )
         loads = CounterMetricFamily(
@@ -358,6 +359,9 @@ class _StateCollector:
                 ("quota_skipped", tier.quota_skips),
                 ("timed_out", tier.write_timeouts),
                 ("skipped_evicted", tier.skipped_evicted),
+                ("breaker_skipped", tier.breaker_skips),
+                ("skipped_orphan", tier.skipped_orphan),
+                ("lost", tier.lost),
             ):
                 writes.add_metric([name, outcome], count)
             for outcome, count in (
