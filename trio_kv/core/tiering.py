@@ -20,7 +20,7 @@ outlives its deadline is *abandoned*, not cancelled (a thread blocked in I/O
 cannot be): its task keeps the L1 pin or reservation it works on until the call
 really returns, then releases it (keeping a late load if it succeeded). Calls
 in flight per adapter are bounded, so a dead endpoint fills its queue and
-drops, never the event loop or L1.
+drops, never the event loop (queued chunks hold at most ``queue_size`` chunks of L1 each).
 """
 
 from __future__ import annotations
