@@ -80,10 +80,13 @@ async def test_healthz_is_ok_when_every_tier_is_healthy(mock_server):
     assert response.headers["content-type"] == "application/json"
 
 
-async def test_healthz_is_503_with_the_reasons_when_a_tier_is_unhealthy(mock_server):
+async def test_healthz_is_200_degraded_and_readyz_503_when_a_tier_is_unhealthy(mock_server):
     adapter = mock_server.server.l2_tiers[0].adapter
     adapter.health = lambda: AdapterHealth(healthy=False, state="breaker-open", reason="5 failures")  # type: ignore[method-assign]
     response = await admin_request(mock_server, "GET", "/healthz")
+    assert response.status == 200  # alive: L1 serves without the tier
+    assert response.json() == {"status": "degraded", "reasons": ["mock: breaker-open: 5 failures"]}
+    response = await admin_request(mock_server, "GET", "/readyz")
     assert response.status == 503
     assert response.json() == {"status": "unhealthy", "reasons": ["mock: breaker-open: 5 failures"]}
 
@@ -100,6 +103,7 @@ async def test_a_draining_server_fails_its_health_check(kv):
             response = await admin_request(running, "GET", "/healthz")
             assert response.status == 503
             assert response.json()["reasons"] == ["shutting down"]
+            assert (await admin_request(running, "GET", "/readyz")).status == 503
             injector.release.set()
 
 

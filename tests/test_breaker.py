@@ -118,3 +118,16 @@ def test_late_failures_of_calls_sent_before_it_opened_do_not_extend_the_cooldown
 def test_nonsense_settings_are_refused(clock, threshold, cooldown):
     with pytest.raises(ValueError):
         CircuitBreaker(threshold, cooldown, clock)
+
+
+def test_a_trip_opens_at_once_and_a_failed_probe_trips_it_again(clock):
+    changes: list[BreakerState] = []
+    breaker = make(clock, changes)
+    breaker.trip("bucket missing: 'kv' does not exist")
+    assert breaker.state is BreakerState.OPEN and breaker.blocking()
+    assert breaker.reason == "bucket missing: 'kv' does not exist"
+    clock.now += 5.0
+    assert breaker.allow()  # the probe
+    breaker.trip("bucket missing: 'kv' does not exist")
+    assert changes == [BreakerState.OPEN, BreakerState.HALF_OPEN, BreakerState.OPEN]
+    assert breaker.opened == 2 and breaker.retry_at == clock.now + 5.0

@@ -237,16 +237,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if failure is None:
             raise
         print(f"trio-kv serve: {failure}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(failure, ConfigError) else 1
     log.info("stopped")
     return 0
 
 
 def _startup_failure(exc: BaseException) -> BaseException | None:
     """The RuntimeError/OSError a failed start raised (a socket in use, an admin port taken),
-    unwrapped from the Trio exception groups it travelled in; None for anything else."""
+    or the ConfigError of a setting found wrong only at start (an S3 bucket that does not
+    exist), unwrapped from the Trio exception groups it travelled in; None for anything else."""
     exc = single_cause(exc)
-    return exc if isinstance(exc, (RuntimeError, OSError)) else None
+    return exc if isinstance(exc, (RuntimeError, OSError, ConfigError)) else None
 
 
 def cmd_ping(args: argparse.Namespace) -> int:

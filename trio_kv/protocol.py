@@ -136,6 +136,9 @@ class TierStatus(msgspec.Struct, frozen=True):
     load_timeouts: int = 0
     evictions_by_reason: dict[str, int] = {}
     evict_errors: int = 0  # failed eviction passes (the tier backs off and retries)
+    lost: int = 0  # chunks handed to write-behind and never written, for any reason
+    skipped_orphan: int = 0  # not written: the chunk before it is not in this tier
+    breaker_skips: int = 0  # not sent: the circuit breaker was open (not in write_failures)
 
 
 class StatusResult(_Message, tag="status_ok"):

@@ -5,7 +5,7 @@ live in ``core.l2_tier``); ``mock`` keeps objects in memory for tests; ``fs`` an
 ``s3`` are the real stores.
 """
 
-from .base import AdapterError, AdapterHealth, L2Adapter, Unavailable
+from .base import AdapterError, AdapterHealth, L2Adapter, StoreMissing, Unavailable
 from .mock import MockAdapter
 
-__all__ = ["AdapterError", "AdapterHealth", "L2Adapter", "MockAdapter", "Unavailable"]
+__all__ = ["AdapterError", "AdapterHealth", "L2Adapter", "MockAdapter", "StoreMissing", "Unavailable"]

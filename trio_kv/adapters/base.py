@@ -37,6 +37,11 @@ class Hit(msgspec.Struct, frozen=True):
     layout: str = ""
 
 
+class StoreMissing(AdapterError):
+    """The store itself does not exist (an S3 bucket): a setting is wrong or the store was
+    removed, and calling again soon will not help. At start it is a configuration error."""
+
+
 class AdapterHealth(msgspec.Struct, frozen=True):
     healthy: bool
     state: str = "ok"  # e.g. "ok", "breaker-open", "degraded"
@@ -48,6 +53,7 @@ class L2Adapter(abc.ABC):
     ``limiter`` bounds its blocking calls in threads."""
 
     kind = "abstract"
+    needs_capacity = False  # True where the store has a fixed size (a disk): warn without a capacity
 
     def __init__(self, name: str, *, max_threads: int = 8) -> None:
         self.name = name

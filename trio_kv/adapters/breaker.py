@@ -89,6 +89,15 @@ class CircuitBreaker:
             self.opened += 1
             self._set(BreakerState.OPEN)
 
+    def trip(self, reason: str) -> None:
+        """Open at once (a failure no retry will cure, e.g. the bucket is gone), for a cool-down."""
+        self.consecutive_failures += 1
+        self.reason = reason
+        self.retry_at = self._clock() + self.cooldown_s
+        if self.state is not BreakerState.OPEN:
+            self.opened += 1
+            self._set(BreakerState.OPEN)
+
     def release_probe(self) -> None:
         """The probe ended without a verdict (it was cancelled): the next caller probes instead."""
         if self.state is BreakerState.HALF_OPEN:

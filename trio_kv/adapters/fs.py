@@ -56,6 +56,7 @@ class FsAdapter(L2Adapter):
     ``temps_removed`` and ``enospc_errors`` count what the name says."""
 
     kind = "fs"
+    needs_capacity = True  # a disk fills up: the tier should evict before it does
     segment_size = fs_format.SEGMENT_SIZE  # per checksum in files written; a multiple of ALIGN
     split_min_bytes = SPLIT_MIN_BYTES  # objects this large may be read by READ_PARTS threads
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -122,15 +123,27 @@ class FsAdapter(L2Adapter):
             raise
         finally:
             self._writing.discard(temp)
-        self._problem = None
+        self._set_problem(None)
 
     def _write_failed(self, path: str, exc: OSError) -> AdapterError:
         if exc.errno in _FULL:
             self.enospc_errors += 1
-            self._problem = ("disk-full", f"no space left under {self.root}: {exc}")
+            self._set_problem(("disk-full", f"no space left under {self.root}: {exc}"))
         elif exc.errno in _UNWRITABLE:
-            self._problem = ("unwritable", f"cannot write under {self.root}: {exc}")
+            self._set_problem(("unwritable", f"cannot write under {self.root}: {exc}"))
         return AdapterError(f"{self.name}: writing {path}: {exc}")
+
+    def _set_problem(self, problem: tuple[str, str] | None) -> None:
+        """Record the health state; log when it changes (once, not per write)."""
+        before = None if self._problem is None else self._problem[0]
+        after = None if problem is None else problem[0]
+        self._problem = problem
+        if after == before:
+            return
+        if problem is not None:
+            log.error("%s: %s: %s; writes fail until it clears", self.name, problem[0], problem[1])
+        else:
+            log.warning("%s: writable again (was %s)", self.name, before)
 
     # ------------------------------------------------------------ get
 
@@ -196,11 +209,10 @@ class FsAdapter(L2Adapter):
 
     async def scan(self) -> AsyncIterator[tuple[ObjectKey, int]]:
         """Check the root (for ``health``), then every object under it (``fs_scan``)."""
-        is_dir, self._problem = await trio.to_thread.run_sync(
+        is_dir, problem = await trio.to_thread.run_sync(
             fs_scan.check_root, self.root, self.create, limiter=self.limiter
         )
-        if self._problem is not None:
-            log.error("%s: %s", self.name, self._problem[1])
+        self._set_problem(problem)
         if not is_dir:
             return
         scan = fs_scan.RecoveryScan(self.name, self.root, limiter=self.limiter, keep=self._writing)

@@ -19,7 +19,9 @@
   its ledger keeps the key: the object is most likely still there), puts and deletes
   raise ``BreakerOpen``, and ``health()`` reports "breaker-open". After
   ``breaker_cooldown_s`` one call goes through as a probe (``run()`` sends a HeadBucket
-  itself); its success closes the breaker. A recovery scan that fails because the
+  itself); its success closes the breaker. A missing bucket (NoSuchBucket, or HeadBucket 404)
+  is no success: it opens the breaker at once and ``health()`` says "bucket missing" until
+  HeadBucket answers again; at start the scan raises ``StoreMissing`` (a wrong setting). A recovery scan that fails because the
   endpoint is down raises ``Unavailable``; the tier runs it again once the breaker closes
   (``wait_available``).
 
@@ -47,13 +49,14 @@ import trio
 
 from ..keys import ObjectKey
 from . import codec
-from .base import AdapterError, AdapterHealth, Hit, L2Adapter, Unavailable
+from .base import AdapterError, AdapterHealth, Hit, L2Adapter, StoreMissing, Unavailable
 from .breaker import BreakerState, CircuitBreaker
 from .s3_transport import (
     MIN_PART_SIZE,
     MULTIPART_THRESHOLD,
     PART_SIZE,
     BreakerOpen,
+    HeadBucket404,
     S3Transport,
     make_client,
     status_of,
@@ -163,10 +166,17 @@ class S3Adapter(L2Adapter):
         return self.prefix + codec.object_name(key)
 
     def health(self) -> AdapterHealth:
+        if self.transport.bucket_missing:
+            return AdapterHealth(healthy=False, state="breaker-open", reason=self.transport.bucket_missing)
         if self.breaker.state is BreakerState.CLOSED:
             return AdapterHealth(healthy=True)
         probing = " (probing)" if self.breaker.state is BreakerState.HALF_OPEN else ""
         return AdapterHealth(healthy=False, state="breaker-open", reason=self.breaker.reason + probing)
+
+    async def wait_breaker_change(self) -> BreakerState:
+        """Return the breaker's next state, once it changes."""
+        await self._breaker_changed.wait()
+        return self.breaker.state
 
     async def wait_breaker_closed(self) -> None:
         """Return once the breaker is closed (at once if it is)."""
@@ -224,6 +234,15 @@ class S3Adapter(L2Adapter):
             return [False] * len(keys)  # the breaker opened meanwhile: a miss, as while it is open
         return found
 
+    def _head_bucket(self, abort: threading.Event) -> None:
+        """HeadBucket (in a thread); a 404 means the bucket is missing."""
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except botocore.exceptions.ClientError as exc:
+            if status_of(exc) == 404:
+                raise HeadBucket404(f"HeadBucket: 404 {exc}") from exc
+            raise
+
     def _head(self, name: str, abort: threading.Event) -> dict[str, str] | None:
         """The object's user metadata, or None if it is absent (in a thread)."""
         try:
@@ -266,7 +285,7 @@ class S3Adapter(L2Adapter):
             async for found in self._scan_pages():
                 yield found
         except AdapterError as exc:
-            if self.breaker.state is BreakerState.CLOSED or isinstance(exc, Unavailable):
+            if self.breaker.state is BreakerState.CLOSED or isinstance(exc, (Unavailable, StoreMissing)):
                 raise
             raise Unavailable(str(exc)) from exc
 
@@ -343,10 +362,7 @@ class S3Adapter(L2Adapter):
     async def _probe(self) -> None:
         """One HeadBucket, sent as the breaker's probe (the caller holds the probe)."""
         try:
-            await self.transport.attempt(
-                f"probe (HEAD bucket {self.bucket})",
-                lambda abort: self.client.head_bucket(Bucket=self.bucket),
-            )
+            await self.transport.attempt(f"probe (HEAD bucket {self.bucket})", self._head_bucket)
         except AdapterError as exc:
             log.info("%s: probe failed: %s", self.name, exc)
 

@@ -38,7 +38,7 @@ import botocore.config
 import botocore.exceptions
 import trio
 
-from .base import AdapterError
+from .base import AdapterError, StoreMissing, Unavailable
 from .breaker import BreakerState, CircuitBreaker
 from .s3_body import PayloadReader, read_body_into
 
@@ -66,14 +66,16 @@ _CONNECTION_ERRORS = (
 Call = Callable[[threading.Event], T]  # runs in a worker thread; the event is its abort flag
 
 
-class BreakerOpen(AdapterError):
-    """The call was not sent: the circuit breaker is open."""
+class BreakerOpen(Unavailable):
+    """The call was not sent: the circuit breaker is open (a kind of Unavailable, so a put
+    refused this way counts as a breaker skip, not as a failed write)."""
 
 
 class Failure(enum.Enum):
     CONNECTION = "connection"  # counts toward the breaker; retried
     RETRYABLE = "retryable"  # throttling or 5xx; retried
     FATAL = "fatal"  # anything else (403, a bad request, no credentials)
+    BUCKET_MISSING = "bucket-missing"  # NoSuchBucket, or HeadBucket 404: opens the breaker at once
 
 
 class S3RequestFailed(AdapterError):
@@ -84,6 +86,14 @@ class S3RequestFailed(AdapterError):
         self.failure = failure
 
 
+class BucketMissing(S3RequestFailed, StoreMissing):
+    """The bucket does not exist."""
+
+
+class HeadBucket404(Exception):
+    """HeadBucket answered 404 (a HEAD has no body, so no NoSuchBucket code comes with it)."""
+
+
 def status_of(exc: botocore.exceptions.ClientError) -> int | None:
     """The HTTP status of an S3 error answer."""
     status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
@@ -91,8 +101,12 @@ def status_of(exc: botocore.exceptions.ClientError) -> int | None:
 
 
 def classify(exc: BaseException) -> Failure:
+    if isinstance(exc, HeadBucket404):
+        return Failure.BUCKET_MISSING
     if isinstance(exc, botocore.exceptions.ClientError):
         code = exc.response.get("Error", {}).get("Code", "")
+        if code == "NoSuchBucket":
+            return Failure.BUCKET_MISSING
         retryable = status_of(exc) in _RETRYABLE_STATUS or code in _RETRYABLE_CODES
         return Failure.RETRYABLE if retryable else Failure.FATAL
     if isinstance(exc, _CONNECTION_ERRORS):
@@ -155,10 +169,13 @@ class S3Transport:
         self.part_size = part_size
         self.retries = 0
         self.breaker_skips = 0
+        self.bucket_missing = ""  # why, while the bucket is known to be missing
 
     def skip_while_open(self) -> bool:
-        """True (and counted in ``breaker_skips``) while the breaker refuses calls."""
-        if self.breaker.blocking():
+        """True (and counted in ``breaker_skips``) while the breaker refuses calls. While the
+        bucket is missing only the HeadBucket probe is sent (a HEAD of an object would answer
+        404 as if the object alone were absent, and close the breaker)."""
+        if self.breaker.blocking() or self.bucket_missing:
             self.breaker_skips += 1
             return True
         return False
@@ -281,7 +298,7 @@ class S3Transport:
         S3RequestFailed once it gives up. Cancellation: see ``_blocking``."""
         attempt = 0
         while True:
-            if not self.breaker.allow():
+            if self.bucket_missing or not self.breaker.allow():
                 self.breaker_skips += 1
                 raise BreakerOpen(
                     f"{self.label}: {what} not sent: circuit breaker open ({self.breaker.reason})"
@@ -289,7 +306,7 @@ class S3Transport:
             try:
                 return await self.attempt(what, call)
             except S3RequestFailed as exc:
-                if exc.failure is Failure.FATAL or attempt >= self.max_retries:
+                if exc.failure in (Failure.FATAL, Failure.BUCKET_MISSING) or attempt >= self.max_retries:
                     raise
                 if self.breaker.state is not BreakerState.CLOSED:
                     raise
@@ -306,6 +323,13 @@ class S3Transport:
             result = await self._blocking(call)
         except Exception as exc:
             failure = classify(exc)
+            if failure is Failure.BUCKET_MISSING:
+                if not self.bucket_missing:
+                    log.error("%s: bucket %r does not exist (%s)", self.label, self.bucket, what)
+                self.bucket_missing = f"bucket missing: {self.bucket!r} does not exist ({what})"
+                self.breaker.trip(self.bucket_missing)
+                message = f"{self.label}: bucket {self.bucket!r} does not exist ({what}: {exc})"
+                raise BucketMissing(message, failure) from exc
             if failure is Failure.CONNECTION:
                 self.breaker.record_failure(f"{what}: {exc}")
             else:
@@ -315,6 +339,9 @@ class S3Transport:
             if probing and self.breaker.state is BreakerState.HALF_OPEN:
                 self.breaker.release_probe()
             raise
+        if self.bucket_missing:
+            log.warning("%s: bucket %r is back", self.label, self.bucket)
+            self.bucket_missing = ""
         self.breaker.record_success()
         return result
 

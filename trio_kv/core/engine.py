@@ -178,11 +178,12 @@ class CacheEngine:
         assert key.rank is not None
         chunk_bytes = cache.layout.chunk_bytes(blocks_per_chunk)
 
+        keys = object_keys(key, hashes, key.rank)
         reserved: list[tuple[int, Entry]] = []
         present = no_room = over_quota = 0
         committed = False
         try:
-            for index, okey in enumerate(object_keys(key, hashes[first:], key.rank), start=first):
+            for index, okey in enumerate(keys[first:], start=first):
                 existing = self.l1.get(okey)
                 if existing is not None:
                     present += 1
@@ -213,7 +214,10 @@ class CacheEngine:
                 self.l1.commit(entry)
             committed = True
             if self.tiering is not None:
-                self.tiering.write_behind([entry for _, entry in reserved])
+                # Each chunk names the one before it: a tier gets it only once it holds that one.
+                self.tiering.write_behind(
+                    [entry for _, entry in reserved], [keys[i - 1] if i else None for i, _ in reserved]
+                )
         finally:
             if not committed:
                 for _, entry in reserved:
@@ -253,7 +257,8 @@ class CacheEngine:
             prefetched = None
             try:
                 await self._fault_point("lookup.before_prefetch")
-                prefetched = await self.tiering.prefetch(chunk_keys[l1_chunks:])
+                before = chunk_keys[l1_chunks - 1] if l1_chunks else None
+                prefetched = await self.tiering.prefetch(chunk_keys[l1_chunks:], before)
                 for offset, chunk_entries in enumerate(prefetched.chunks):
                     hits.extend((l1_chunks + offset, entry) for entry in chunk_entries)
                 l2_chunks = len(prefetched.chunks)

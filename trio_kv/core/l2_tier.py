@@ -194,6 +194,12 @@ class L2Tier(Generic[AdapterT]):
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The tier's task group: recover usage, start the adapter's own tasks, report
         started, then evict on demand (and run a deferred recovery scan) until cancelled."""
+        if self.capacity is None and self.adapter.needs_capacity:
+            log.warning(
+                "%s: no capacity set: the tier grows until its disk is full, then every write "
+                "fails; set one (e.g. fs:DIR?capacity=100GiB)",
+                self.name,
+            )
         await self.recover()
         async with trio.open_nursery() as nursery:
             await nursery.start(self.adapter.run)

@@ -89,6 +89,9 @@ def tier_statuses(tiering: Tiering) -> list[TierStatus]:
                 load_timeouts=counters.load_timeouts,
                 evictions_by_reason=dict(l2.evictions_by_reason),
                 evict_errors=l2.errors,
+                lost=counters.lost,
+                skipped_orphan=counters.skipped_orphan,
+                breaker_skips=counters.breaker_skips,
             )
         )
     return statuses

@@ -3,10 +3,10 @@
 Per-call failures are counted (status, metrics) and logged at debug level only: a
 dead endpoint would otherwise log once per chunk.
 
-Write-behind: every chunk that becomes ready in L1 is queued to each adapter
-(one bounded queue per adapter; a full queue drops and counts, it never delays
-a Store reply). Writers pin the L1 entry only while they copy it out, so a
-queued chunk may still be evicted (then it is skipped and counted).
+Write-behind (``write_behind.TierWriter``): every chunk that becomes ready in L1 is
+queued to each adapter (one bounded queue per adapter; a full queue drops and counts,
+it never delays a Store reply). A queued chunk stays pinned in L1 until it is written
+or given up, and is written only once its predecessor is in that tier.
 
 Prefetch: from the first L1 miss, every adapter is asked at once which chunks it
 holds (bounded by ``lookup_timeout_s``); the first adapter in config order that
@@ -20,7 +20,7 @@ outlives its deadline is *abandoned*, not cancelled (a thread blocked in I/O
 cannot be): its task keeps the L1 pin or reservation it works on until the call
 really returns, then releases it (keeping a late load if it succeeded). Calls
 in flight per adapter are bounded, so a dead endpoint fills its queue and
-drops, never the event loop or L1.
+drops, never the event loop (queued chunks hold at most ``queue_size`` chunks of L1 each).
 """
 
 from __future__ import annotations
@@ -34,7 +34,10 @@ import trio
 from ..adapters.base import AdapterError
 from ..keys import ObjectKey
 from .l1 import Entry, L1Store, Refusal
-from .l2_tier import L2Tier, QuotaExceeded
+from .l2_tier import L2Tier
+from .write_behind import TierCounters, TierWriter
+
+__all__ = ["Prefetched", "TierCounters", "Tiering", "TieringSettings"]
 
 log = logging.getLogger(__name__)
 
@@ -49,39 +52,15 @@ class TieringSettings(msgspec.Struct, frozen=True):
     max_inflight_writes: int = 16
 
 
-class TierCounters:
-    """What happened to one adapter's traffic (for status and metrics)."""
-
-    def __init__(self) -> None:
-        self.queued = 0
-        self.dropped = 0  # queue full
-        self.skipped_evicted = 0  # evicted from L1 before its turn
-        self.written = 0
-        self.write_failures = 0
-        self.quota_skips = 0  # the tenant was at its quota in this tier
-        self.write_timeouts = 0  # puts abandoned at their deadline (they finish on their own)
-        self.loads = 0
-        self.load_failures = 0
-        self.load_timeouts = 0  # loads abandoned at the lookup's deadline
-        self.lookup_errors = 0
-
-
-class _Tier:
-    def __init__(self, l2: L2Tier, queue_size: int, max_inflight_writes: int) -> None:
-        self.l2 = l2
-        self.send, self.receive = trio.open_memory_channel[Entry](queue_size)
-        self.counters = TierCounters()
-        self.inflight_writes = trio.CapacityLimiter(max_inflight_writes)
-
-
 class _Load:
     """One load's hand-off between the lookup that wants it and the task that runs it."""
 
-    __slots__ = ("abandoned", "entry", "finished", "hit", "tier")
+    __slots__ = ("abandoned", "entry", "finished", "hit", "predecessor", "tier")
 
-    def __init__(self, entry: Entry, tier: _Tier) -> None:
+    def __init__(self, entry: Entry, tier: TierWriter, predecessor: ObjectKey | None) -> None:
         self.entry = entry
         self.tier = tier
+        self.predecessor = predecessor  # the chunk before it (for its write-behind)
         self.finished = False
         self.hit = False
         self.abandoned = False  # the lookup stopped waiting: the task now owns the reservation
@@ -110,7 +89,17 @@ class Tiering:
     def __init__(self, l1: L1Store, l2_tiers: Sequence[L2Tier], settings: TieringSettings) -> None:
         self.l1 = l1
         self.settings = settings
-        self.tiers = [_Tier(t, settings.queue_size, settings.max_inflight_writes) for t in l2_tiers]
+        self.tiers = [
+            TierWriter(
+                t,
+                l1,
+                queue_size=settings.queue_size,
+                max_inflight_writes=settings.max_inflight_writes,
+                write_timeout_s=settings.write_timeout_s,
+                call_nursery=self._call_nursery,
+            )
+            for t in l2_tiers
+        ]
         self._nursery: trio.Nursery | None = None
         self._load_limiter = trio.CapacityLimiter(settings.load_concurrency)
         self._known_sizes: dict[tuple[str, int], int] = {}
@@ -128,19 +117,24 @@ class Tiering:
 
     # ------------------------------------------------------------ write-behind
 
-    def write_behind(self, entries: Sequence[Entry], *, source: L2Tier | None = None) -> None:
-        """Queue ready chunks to every L2 tier but ``source``; never blocks."""
+    def write_behind(
+        self,
+        entries: Sequence[Entry],
+        predecessors: Sequence[ObjectKey | None] | None = None,
+        *,
+        source: L2Tier | None = None,
+    ) -> None:
+        """Queue ready chunks to every L2 tier but ``source``; never blocks. ``predecessors``
+        (one per entry; None for chunk 0) name the chunk before each: a tier gets a chunk
+        only once it holds that one (entries without predecessors are written as they come)."""
         for entry in entries:
             self._known_sizes[(entry.key.model, entry.key.world_size)] = entry.nbytes
+        before = list(predecessors) if predecessors is not None else [None] * len(entries)
         for tier in self.tiers:
             if tier.l2 is source:
                 continue
-            for entry in entries:
-                try:
-                    tier.send.send_nowait(entry)
-                    tier.counters.queued += 1
-                except trio.WouldBlock:
-                    tier.counters.dropped += 1
+            for entry, predecessor in zip(entries, before):
+                tier.offer(entry, predecessor)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Write-behind workers for every L2 tier (the tiers' own task groups run beside)."""
@@ -148,48 +142,8 @@ class Tiering:
             self._nursery = nursery
             for tier in self.tiers:
                 for _ in range(self.settings.writers_per_adapter):
-                    nursery.start_soon(self._writer, tier, tier.receive.clone())
+                    nursery.start_soon(tier.run_writer, tier.receive.clone())
             task_status.started()
-
-    async def _writer(self, tier: _Tier, receive: trio.MemoryReceiveChannel[Entry]) -> None:
-        async with receive:
-            async for entry in receive:
-                await self._write_one(tier, entry)
-
-    async def _write_one(self, tier: _Tier, entry: Entry) -> None:
-        if self.l1.get_ready(entry.key) is not entry:
-            tier.counters.skipped_evicted += 1
-            return
-        done = trio.Event()
-        # Taken before the pin: with every slot held by hung puts, the writer waits here
-        # (and the queue fills and drops) instead of pinning ever more of L1.
-        await tier.inflight_writes.acquire_on_behalf_of(done)
-        if self.l1.get_ready(entry.key) is not entry:
-            # Evicted while this writer waited for a slot: its bytes may be another chunk's now.
-            tier.inflight_writes.release_on_behalf_of(done)
-            tier.counters.skipped_evicted += 1
-            return
-        self.l1.pin_reader(entry)  # not evicted (nor freed) mid-copy
-        self._call_nursery().start_soon(self._put, tier, entry, done)
-        with trio.move_on_after(self.settings.write_timeout_s):
-            await done.wait()
-        if not done.is_set():
-            tier.counters.write_timeouts += 1
-            log.debug("%s: a put outlived %.1f s; moving on", tier.l2.name, self.settings.write_timeout_s)
-
-    async def _put(self, tier: _Tier, entry: Entry, done: trio.Event) -> None:
-        try:
-            await tier.l2.put(entry.key, self.l1.buffer(entry), entry.layout)
-            tier.counters.written += 1
-        except QuotaExceeded:
-            tier.counters.quota_skips += 1
-        except AdapterError as exc:
-            tier.counters.write_failures += 1
-            log.debug("%s: write-behind of a chunk failed: %s", tier.l2.name, exc)
-        finally:
-            self.l1.unpin_reader(entry)
-            tier.inflight_writes.release_on_behalf_of(done)
-            done.set()
 
     def _call_nursery(self) -> trio.Nursery:
         if self._nursery is None:
@@ -198,12 +152,21 @@ class Tiering:
 
     # ------------------------------------------------------------ prefetch
 
-    async def prefetch(self, chunk_keys: Sequence[Sequence[ObjectKey]]) -> Prefetched:
+    async def prefetch(
+        self, chunk_keys: Sequence[Sequence[ObjectKey]], before: Sequence[ObjectKey] | None = None
+    ) -> Prefetched:
         """Bring the longest loadable prefix of ``chunk_keys`` (one list of rank keys per
-        chunk) into L1. Keys already ready in L1 count as held. On failure or
+        chunk) into L1. Keys already ready in L1 count as held. ``before`` holds the rank
+        keys of the chunk before the first (None if the first is chunk 0). On failure or
         cancellation every reservation is freed and every pin released."""
         result = Prefetched(self.l1)
-        reserved: list[tuple[Entry, _Tier]] = []
+        previous = [before, *chunk_keys[:-1]]
+        predecessor_of = {
+            key: None if prior is None else prior[rank]
+            for chunk, prior in zip(chunk_keys, previous)
+            for rank, key in enumerate(chunk)
+        }
+        reserved: list[tuple[Entry, TierWriter]] = []
         try:
             sources = await self._locate(
                 [k for chunk in chunk_keys for k in chunk if self.l1.get_ready(k) is None]
@@ -214,14 +177,14 @@ class Tiering:
                 if planned is None:
                     break
                 plan.append(planned)
-            loaded, abandoned = await self._load_all(reserved)
+            loaded, abandoned = await self._load_all(reserved, predecessor_of)
             # Abandoned loads own their reservations now; the rest are ours to settle.
             reserved = [(e, t) for e, t in reserved if e not in abandoned]
             for entry, tier in reserved:
                 if entry in loaded:
                     self.l1.commit(entry)
                     result.pin(entry)
-                    self.write_behind([entry], source=tier.l2)
+                    self.write_behind([entry], [predecessor_of[entry.key]], source=tier.l2)
                 else:
                     self.l1.abort(entry)
             reserved = []
@@ -241,12 +204,12 @@ class Tiering:
     def _plan_chunk(
         self,
         chunk: Sequence[ObjectKey],
-        sources: dict[ObjectKey, _Tier],
+        sources: dict[ObjectKey, TierWriter],
         result: Prefetched,
-        reserved: list[tuple[Entry, _Tier]],
+        reserved: list[tuple[Entry, TierWriter]],
     ) -> list[Entry] | None:
         """Pin or reserve every rank key of one chunk; None (and nothing taken) if it cannot be had."""
-        steps: list[tuple[ObjectKey, Entry | None, _Tier | None, int]] = []
+        steps: list[tuple[ObjectKey, Entry | None, TierWriter | None, int]] = []
         for key in chunk:
             ready = self.l1.get_ready(key)
             if ready is not None:
@@ -258,7 +221,7 @@ class Tiering:
                 return None  # absent, size unknown, or being written by another request
             steps.append((key, None, tier, size))
         entries: list[Entry] = []
-        taken: list[tuple[Entry, _Tier]] = []
+        taken: list[tuple[Entry, TierWriter]] = []
         for key, ready, tier, size in steps:
             if ready is not None:
                 result.pin(ready)
@@ -279,7 +242,7 @@ class Tiering:
         size = l2.ledger.size_of(key)
         return size if size is not None else self._known_sizes.get((key.model, key.world_size))
 
-    async def _locate(self, keys: list[ObjectKey]) -> dict[ObjectKey, _Tier]:
+    async def _locate(self, keys: list[ObjectKey]) -> dict[ObjectKey, TierWriter]:
         """Ask every adapter at once; for each key, the first adapter (config order) that holds it.
         Adapters that have not answered by the lookup deadline count as holding nothing."""
         if not keys or not self.tiers:
@@ -288,7 +251,7 @@ class Tiering:
         pending = [len(self.tiers)]
         all_answered = trio.Event()
 
-        async def ask(index: int, tier: _Tier) -> None:
+        async def ask(index: int, tier: TierWriter) -> None:
             try:
                 answer = await tier.l2.contains(keys)
             except AdapterError as exc:
@@ -305,7 +268,7 @@ class Tiering:
             self._call_nursery().start_soon(ask, index, tier)
         with trio.move_on_after(self.settings.lookup_timeout_s):
             await all_answered.wait()
-        sources: dict[ObjectKey, _Tier] = {}
+        sources: dict[ObjectKey, TierWriter] = {}
         for tier, answer in zip(self.tiers, list(answers)):
             if answer is None:
                 continue
@@ -314,9 +277,13 @@ class Tiering:
                     sources[key] = tier
         return sources
 
-    async def _load_all(self, reserved: list[tuple[Entry, _Tier]]) -> tuple[set[Entry], set[Entry]]:
+    async def _load_all(
+        self,
+        reserved: list[tuple[Entry, TierWriter]],
+        predecessor_of: dict[ObjectKey, ObjectKey | None],
+    ) -> tuple[set[Entry], set[Entry]]:
         """Load every reservation; returns (entries loaded, entries abandoned at the deadline)."""
-        loads = [_Load(entry, tier) for entry, tier in reserved]
+        loads = [_Load(entry, tier, predecessor_of[entry.key]) for entry, tier in reserved]
         if not loads:
             return set(), set()
         pending = [len(loads)]
@@ -359,6 +326,6 @@ class Tiering:
                 # Nobody waits for this chunk any more: keep it if it arrived, else free it.
                 if load.hit:
                     self.l1.commit(entry)
-                    self.write_behind([entry], source=tier.l2)
+                    self.write_behind([entry], [load.predecessor], source=tier.l2)
                 else:
                     self.l1.abort(entry)

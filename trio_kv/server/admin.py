@@ -70,6 +70,7 @@ class AdminApp:
         self._token = config.admin_token.encode()
         self._routes: dict[str, dict[str, Handler]] = {
             "/healthz": {"GET": self._healthz},
+            "/readyz": {"GET": self._readyz},
             "/v1/status": {"GET": self._status},
             "/metrics": {"GET": self._metrics},
             "/v1/clear": {"POST": self._clear},
@@ -140,13 +141,26 @@ class AdminApp:
 
     # ------------------------------------------------------------ read-only
 
+    def _degraded_tiers(self) -> list[str]:
+        return [
+            f"{tier.name}: {tier.state}" + (f": {tier.reason}" if tier.reason else "")
+            for tier in self.engine.status().l2
+            if not tier.healthy
+        ]
+
     async def _healthz(self, request: HTTPRequest) -> HTTPResponse:
-        reasons = []
+        """Liveness: 503 only when the server itself cannot serve (draining). Unhealthy L2 tiers
+        leave L1 serving, so they answer 200 "degraded": restarting would not mend them."""
         if self.is_draining():
-            reasons.append("shutting down")
-        for tier in self.engine.status().l2:
-            if not tier.healthy:
-                reasons.append(f"{tier.name}: {tier.state}" + (f": {tier.reason}" if tier.reason else ""))
+            return json_response({"status": "unhealthy", "reasons": ["shutting down"]}, 503)
+        degraded = self._degraded_tiers()
+        if degraded:
+            return json_response({"status": "degraded", "reasons": degraded})
+        return json_response({"status": "ok"})
+
+    async def _readyz(self, request: HTTPRequest) -> HTTPResponse:
+        """Readiness: 503 while draining or while any L2 tier is unhealthy."""
+        reasons = (["shutting down"] if self.is_draining() else []) + self._degraded_tiers()
         if reasons:
             return json_response({"status": "unhealthy", "reasons": reasons}, 503)
         return json_response({"status": "ok"})

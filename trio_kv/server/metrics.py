@@ -10,7 +10,6 @@ Two kinds of numbers:
   evictions, write-behind queues, adapter errors and health, read from one ``engine.status()``
   snapshot (``core/status.py``, built from counters that already exist), so the hot paths pay
   nothing for them and the metrics, the Status reply and the admin view cannot disagree.
-
 Salts appear as label values in their URL spelling: the empty salt is ``@empty``.
 """
 
@@ -44,12 +43,12 @@ from ..protocol import (
 
 # Requests take ~0.1 ms (lookups) to tens of ms (large copies); the prometheus defaults start at 5 ms.
 REQUEST_BUCKETS = (
-    0.0001,
-    0.00025,
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
+    1e-4,
+    2.5e-4,
+    5e-4,
+    1e-3,
+    2.5e-3,
+    5e-3,
     0.01,
     0.025,
     0.05,
@@ -348,7 +347,8 @@ class _StateCollector:
         )
         writes = CounterMetricFamily(
             "trio_kv_l2_writes",
-            "Write-behind outcomes: written, failed, quota_skipped, timed_out, skipped_evicted.",
+            "Write-behind outcomes: written, failed, breaker_skipped, quota_skipped, timed_out,"
+            " skipped_evicted, skipped_orphan; lost counts every chunk never written (dropped included).",
             labels=["tier", "outcome"],
         )
         loads = CounterMetricFamily(
@@ -373,6 +373,9 @@ class _StateCollector:
                 ("quota_skipped", tier.quota_skips),
                 ("timed_out", tier.write_timeouts),
                 ("skipped_evicted", tier.skipped_evicted),
+                ("breaker_skipped", tier.breaker_skips),
+                ("skipped_orphan", tier.skipped_orphan),
+                ("lost", tier.lost),
             ):
                 writes.add_metric([name, outcome], count)
             for outcome, count in (

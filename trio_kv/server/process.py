@@ -18,12 +18,13 @@ import pynng
 import trio
 
 from .. import __version__
+from ..adapters.base import StoreMissing
 from ..core.engine import CacheEngine, EngineSettings, FaultHook
 from ..core.l1 import L1Store
 from ..core.l2_tier import L2Tier
 from ..core.quotas import L1_TIER, QuotaBook
 from ..core.tiering import Tiering, TieringSettings
-from ..errors import ErrorCode, TrioKVError
+from ..errors import ErrorCode, TrioKVError, single_cause
 from ..protocol import (
     PROTOCOL_VERSION,
     Clear,
@@ -46,7 +47,7 @@ from ..protocol import (
 )
 from ..transfer import arena_pinner, select_backend
 from .admin import AdminApp
-from .config import ServerConfig
+from .config import ConfigError, ServerConfig
 from .dispatch import Dispatcher, asynchronous
 from .http import start_admin
 from .metrics import ServerMetrics
@@ -57,6 +58,18 @@ log = logging.getLogger(__name__)
 # moderately oversized messages reach the decoder and get a MESSAGE_TOO_LARGE reply.
 _RECV_SLACK = 2
 _SEND_TIMEOUT_MS = 5000
+
+
+async def _start_tier(nursery: trio.Nursery, l2: L2Tier, spec: str) -> None:
+    """Start one tier's task group; a store that does not exist (an S3 bucket) is a setting
+    that is wrong, so it is raised as a ConfigError naming the ``--l2`` entry."""
+    try:
+        await nursery.start(l2.run)
+    except BaseException as exc:
+        cause = single_cause(exc)
+        if isinstance(cause, StoreMissing):
+            raise ConfigError(f"--l2 {spec}: {cause}") from None
+        raise
 
 
 def ipc_path(url: str) -> str | None:
@@ -175,8 +188,8 @@ class Server:
                 nursery.start_soon(self.engine.owners.run)
                 nursery.start_soon(self.l1.run_watermark_eviction)
                 # Each L2 tier runs its own task group; its recovery scan finishes before we serve.
-                for l2 in self.l2_tiers:
-                    await nursery.start(l2.run)
+                for spec, l2 in zip(self.config.l2_specs(), self.l2_tiers):
+                    await _start_tier(nursery, l2, spec.text)
                 if self.tiering is not None:
                     await nursery.start(self.tiering.run)
                 for url in self.config.listen:
