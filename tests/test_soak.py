@@ -11,6 +11,7 @@ async def test_soak_leaks_nothing_and_loses_no_byte():
     assert report.clients_killed > 50
     assert report.chunks_verified > 1000
     assert report.l2_loads > 0 and report.l1_evictions > 0
+    assert report.bombs_sent > 50
     # And left nothing behind.
     assert report.leaked_leases == 0
     assert report.leaked_bytes == 0
@@ -18,4 +19,5 @@ async def test_soak_leaks_nothing_and_loses_no_byte():
     assert report.l2_ledger_mismatches == 0
     assert report.leaked_tasks == 0
     assert report.data_mismatches == 0
+    assert report.bomb_wrong_replies == 0
     assert report.rss_growth_after_warmup_mib < 64

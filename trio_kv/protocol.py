@@ -10,7 +10,7 @@ Type checkers read it from there (``client.call(Ping())`` is a ``Pong``); at run
 
 from __future__ import annotations
 
-from typing import Any, Generic, TypeVar, Union, get_args, get_origin
+from typing import Annotated, Any, Generic, TypeVar, Union, get_args, get_origin
 
 import msgspec
 
@@ -18,6 +18,10 @@ from .errors import ErrorCode, TrioKVError
 from .keys import RequestKey
 
 PROTOCOL_VERSION = 1
+# Checked from an array's header before any element is built (millions of 6-byte tensor specs
+# cost seconds); registration refuses over 4096 tensors anyway (transfer/layout.py).
+_Dims = Annotated[list[int], msgspec.Meta(max_length=64)]
+_MAX_TENSORS_ON_THE_WIRE = 1 << 14
 
 
 class AdapterUsage(msgspec.Struct, frozen=True):
@@ -201,8 +205,8 @@ class TensorSpec(msgspec.Struct, array_like=True, frozen=True):
 
     offset: int
     dtype: str
-    shape: list[int]
-    strides: list[int]
+    shape: _Dims
+    strides: _Dims
     block_dim: int
 
 
@@ -219,8 +223,8 @@ class CudaRegistration(msgspec.Struct, array_like=True, frozen=True):
     engine records before each store or retrieve (used when a request carries none)."""
 
     device_uuid: bytes  # 16 bytes, as cuDeviceGetUuid reports
-    allocations: list[CudaAllocation]
-    tensor_allocations: list[int]
+    allocations: Annotated[list[CudaAllocation], msgspec.Meta(max_length=_MAX_TENSORS_ON_THE_WIRE)]
+    tensor_allocations: Annotated[list[int], msgspec.Meta(max_length=_MAX_TENSORS_ON_THE_WIRE)]
     event_handle: bytes = b""
 
 
@@ -230,7 +234,7 @@ class RegisterKVCache(RequestFor[Registered], tag="register"):
 
     instance_id: str
     block_size: int  # tokens per block
-    tensors: list[TensorSpec]
+    tensors: Annotated[list[TensorSpec], msgspec.Meta(max_length=_MAX_TENSORS_ON_THE_WIRE)]
     shm_path: str
     shm_bytes: int
     cuda: CudaRegistration | None = None
@@ -340,10 +344,8 @@ def encode(message: Any) -> bytes:
 
 
 def decode_request(buf: bytes, max_message_bytes: int) -> Request:
-    """Decode one request, or raise a typed error saying why it is not one.
-
-    The size is checked before decoding, so an oversized message allocates nothing.
-    """
+    """Decode one request, or raise a typed error saying why it is not one (BAD_REQUEST,
+    UNKNOWN_REQUEST, MESSAGE_TOO_LARGE: the size is checked first, so that allocates nothing)."""
     if len(buf) > max_message_bytes:
         raise TrioKVError(
             ErrorCode.MESSAGE_TOO_LARGE,
@@ -352,23 +354,42 @@ def decode_request(buf: bytes, max_message_bytes: int) -> Request:
     try:
         return _request_decoder.decode(buf)
     except msgspec.ValidationError as exc:
-        raise _classify(buf, exc) from None
+        kind = _head_kind(buf)  # an unknown kind, or a malformed known one?
+        if kind is None or kind in REQUEST_KINDS:
+            raise TrioKVError(ErrorCode.BAD_REQUEST, f"malformed request: {exc}") from None
+        known = f"this server knows {sorted(REQUEST_KINDS)}"
+        raise TrioKVError(ErrorCode.UNKNOWN_REQUEST, f"unknown request kind {kind!r}; {known}") from None
     except msgspec.DecodeError as exc:
         raise TrioKVError(ErrorCode.BAD_REQUEST, f"not a msgpack message: {exc}") from None
+    except RecursionError:  # msgspec stops at the interpreter's depth limit, in bounded time
+        raise TrioKVError(ErrorCode.BAD_REQUEST, "malformed request: nested too deeply") from None
 
 
-def _classify(buf: bytes, exc: msgspec.ValidationError) -> TrioKVError:
-    """Tell an unknown request kind from a malformed known one."""
-    try:
-        raw = msgspec.msgpack.decode(buf)
-    except msgspec.DecodeError:  # pragma: no cover - the typed decode already parsed it
-        raw = None
-    if isinstance(raw, list) and raw and isinstance(raw[0], str) and raw[0] not in REQUEST_KINDS:
-        return TrioKVError(
-            ErrorCode.UNKNOWN_REQUEST,
-            f"unknown request kind {raw[0][:64]!r}; this server knows {sorted(REQUEST_KINDS)}",
-        )
-    return TrioKVError(ErrorCode.BAD_REQUEST, f"malformed request: {exc}")
+_STR_LENGTH_BYTES = {0xD9: 1, 0xDA: 2, 0xDB: 4}  # str8, str16, str32
+
+
+def _head_kind(buf: bytes) -> str | None:
+    """A frame's kind tag, read by hand from its array header and first element's str header:
+    nothing else of a hostile frame is decoded. None when the frame does not start so."""
+    lead = buf[0] if buf else 0
+    if 0x90 <= lead <= 0x9F:  # fixarray
+        count, pos = lead & 0x0F, 1
+    elif lead in (0xDC, 0xDD):  # array16, array32
+        pos = 3 if lead == 0xDC else 5
+        count = int.from_bytes(buf[1:pos], "big")
+    else:
+        return None
+    if count == 0 or pos >= len(buf):
+        return None
+    if 0xA0 <= buf[pos] <= 0xBF:  # fixstr
+        size, start = buf[pos] & 0x1F, pos + 1
+    elif buf[pos] in _STR_LENGTH_BYTES:
+        start = pos + 1 + _STR_LENGTH_BYTES[buf[pos]]
+        size = int.from_bytes(buf[pos + 1 : start], "big")
+    else:
+        return None
+    # 64 chars: longer than any kind, so a cut-off head still reads as unknown.
+    return buf[start : start + min(size, 64)].decode(errors="replace")
 
 
 def decode_reply(buf: bytes) -> Reply:

@@ -11,6 +11,7 @@ import hashlib
 import random
 import resource
 from dataclasses import dataclass, field
+from functools import partial
 
 import msgspec
 import torch
@@ -23,12 +24,14 @@ from ..errors import TrioKVError
 from ..export.shm import SharedKVCache, create_shared_kv_cache
 from ..keys import RequestKey
 from ..testing import running_server
+from .bombs import BombCounts, bomb_loop
 
 CHUNK = 32
 BLOCK = 16
 BLOCKS_PER_CLIENT = 32
 SALTS = ("", "tenant-a", "tenant-b")
 PROMPTS_PER_SALT = 12
+BOMB_BYTES = 1 << 20  # decode bombs a hostile client sends alongside (tools/bombs.py)
 
 
 class SoakReport(msgspec.Struct):
@@ -51,6 +54,8 @@ class SoakReport(msgspec.Struct):
     l2_writes: int
     l2_evictions: int
     rss_growth_after_warmup_mib: float
+    bombs_sent: int = 0
+    bomb_wrong_replies: int = 0  # bombs answered with anything but BAD_REQUEST / UNKNOWN_REQUEST
 
 
 @dataclass
@@ -241,6 +246,7 @@ def _l2_mismatches(l2_tiers: list[L2Tier[MockAdapter]]) -> int:
 async def run_soak(seconds: float, *, clients: int = 8, seed: int = 1) -> SoakReport:
     """Run the soak for ``seconds`` and audit everything afterwards."""
     counts = _Counts()
+    bombs = BombCounts()
     lease_ttl = 1.0
     with create_shared_kv_cache(
         num_blocks=clients * BLOCKS_PER_CLIENT, block_size=BLOCK, num_layers=2, num_kv_heads=2, head_size=32
@@ -264,6 +270,9 @@ async def run_soak(seconds: float, *, clients: int = 8, seed: int = 1) -> SoakRe
             counts.rss_samples.append(_rss_mib())
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_chaos, adapters, deadline, counts, seed)
+                nursery.start_soon(
+                    partial(bomb_loop, frame_bytes=BOMB_BYTES), server.url, deadline, bombs, seed
+                )
                 for index in range(clients):
                     nursery.start_soon(_client_loop, index, server.url, kv, deadline, counts, seed)
             # Quiesce: requests finish, write-behind drains, abandoned calls land, leases expire.
@@ -298,6 +307,8 @@ async def run_soak(seconds: float, *, clients: int = 8, seed: int = 1) -> SoakRe
                 l2_writes=sum(t.written for t in engine.status().l2),
                 l2_evictions=sum(t.evictions for t in l2_tiers),
                 rss_growth_after_warmup_mib=counts.rss_samples[-1] - warm,
+                bombs_sent=bombs.sent,
+                bomb_wrong_replies=bombs.wrong_replies,
             )
     for scratch in _scratch.values():
         scratch.close()
