@@ -313,6 +313,8 @@ async def test_the_default_quota_is_spelled_at_default_and_has_no_usage(server):
         (b'{"l1": true}', "not a byte count"),
         (b'{"l1": null}', "not a byte count"),
         (b'{"l1": [1]}', "not a byte count"),
+        (b'{"l1": 1e300}', "at most 9223372036854775807"),
+        (b'{"l1": 9223372036854775808}', "at most 9223372036854775807"),
         (b'{"l9": 1}', "unknown tier"),
         (b"{}", "at least one tier"),
         (b'["l1", 1]', "JSON object"),
@@ -335,7 +337,7 @@ async def test_a_partly_bad_quota_changes_nothing(mock_server):
     assert mock_server.server.quotas.all() == {}
 
 
-@pytest.mark.parametrize("name", ["a%5Cb", "x" * 129, "%00"])
+@pytest.mark.parametrize("name", ["a%5Cb", "x" * 129, "%00", "a%2Fb"])
 async def test_bad_salts_in_the_url_are_400(server, name):
     response = await admin_request(server, "PUT", f"/v1/quota/{name}", {"l1": 1})
     assert response.status == 400

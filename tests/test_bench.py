@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 
@@ -9,7 +10,10 @@ import pytest
 import torch
 
 from trio_kv import cli
-from trio_kv.testing import make_kv_cache
+from trio_kv.client import AsyncClient
+from trio_kv.export.shm import create_shared_kv_cache
+from trio_kv.testing import make_kv_cache, running_server
+from trio_kv.tools import bench_cpu
 from trio_kv.transfer.cpu import CopyJob, CpuTransfer
 
 REQUIRED_FIGURES = (
@@ -75,3 +79,20 @@ def test_copies_split_into_parts_move_the_same_bytes_as_one_call(layout, parts):
                     assert kv.block_bytes(target) == untouched[target]
                 else:
                     assert kv.block_bytes(target) == kv.block_bytes(source)
+
+
+@pytest.mark.parametrize("rounds", [1, 2])
+async def test_bench_cpu_runs_one_untimed_warm_up_round_before_the_timed_ones(rounds):
+    # What the server stored says how many rounds ran: a cold lone round read as a 25x miss.
+    args = argparse.Namespace(chunks=2, prompt_chunks=1, rounds=rounds)
+    shape = {"num_layers": 2, "num_kv_heads": 8, "head_size": 128, "dtype": torch.bfloat16}
+    with create_shared_kv_cache(num_blocks=4 * 16, block_size=16, layout="per_layer", **shape) as kv:
+        async with (
+            running_server(chunk_size=bench_cpu.CHUNK_TOKENS, no_admin=True) as server,
+            await AsyncClient.connect(server.url) as client,
+        ):
+            registered = await client.register_kv_cache(bench_cpu.INSTANCE, kv)
+            chunk_bytes = registered.block_bytes * 16
+            await bench_cpu._copy_rounds(client, args, chunk_bytes)
+            stored = server.server.metrics.traffic_summary()["total"]["stored_bytes"]
+    assert stored == (1 + rounds) * args.chunks * chunk_bytes

@@ -178,6 +178,13 @@ async def test_a_bad_size_is_refused_by_the_server_and_exits_1(busy_server, caps
     assert busy_server.server.quotas.get("t") == {}
 
 
+@pytest.mark.parametrize("action", [("set", "l1=1MiB"), ("get",), ("delete",)])
+async def test_a_salt_with_a_slash_is_a_bad_salt_not_an_unknown_endpoint(busy_server, capsys, action):
+    assert await trio_kv("quota", action[0], "bad/salt", *action[1:], "--url", busy_server.admin_url) == 1
+    err = capsys.readouterr().err
+    assert "HTTP 400" in err and "bad salt" in err and "must not contain '/'" in err
+
+
 @pytest.mark.parametrize("item", ["l1", "=8GiB", "l1="])
 def test_a_malformed_tier_size_is_a_usage_error(item, capsys):
     # Never reaches a server: the port is closed.

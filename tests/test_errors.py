@@ -111,6 +111,20 @@ async def test_bad_salts_are_refused(client, salt):
     await expect_error(client.lookup(key(tokens, rank=None, cache_salt=salt)), ErrorCode.BAD_SALT)
 
 
+@pytest.mark.parametrize("salt", ["../x", "a@b", "s" * 129])
+async def test_clear_of_a_bad_salt_is_refused(client, salt):
+    await expect_error(client.clear(salt), ErrorCode.BAD_SALT)
+
+
+async def test_a_negative_skip_is_an_invalid_argument(client):
+    tokens = list(range(CHUNK))
+    await expect_error(
+        client.retrieve("worker-0", key(tokens), [0, 1], skip_first_n_tokens=-16),
+        ErrorCode.INVALID_ARGUMENT,
+        "skip_first_n_tokens",
+    )
+
+
 async def test_unknown_instance(client):
     await expect_error(
         client.store("nobody", key(list(range(CHUNK))), [0, 1]), ErrorCode.UNKNOWN_INSTANCE, "nobody"

@@ -19,13 +19,14 @@ _spec.loader.exec_module(import_graph)
 
 # Each room and the rooms it may import (every import counts, lazy ones too). The order of this
 # table is the floor plan, lowest first; docs/architecture.md draws it.
-BASE = {"trio_kv.errors", "trio_kv.sizes", "trio_kv.keys", "trio_kv.protocol"}
+BASE = {"trio_kv.errors", "trio_kv.sizes", "trio_kv.keys", "trio_kv.protocol", "trio_kv.msgpack_peek"}
 ALLOWED: dict[str, set[str]] = {
     "trio_kv": set(),
     "trio_kv.errors": set(),
     "trio_kv.sizes": set(),
+    "trio_kv.msgpack_peek": set(),
     "trio_kv.keys": {"trio_kv.errors"},
-    "trio_kv.protocol": {"trio_kv.errors", "trio_kv.keys"},
+    "trio_kv.protocol": {"trio_kv.errors", "trio_kv.keys", "trio_kv.msgpack_peek"},
     "trio_kv.client": BASE,
     "trio_kv.export": BASE,
     "trio_kv.adapters": BASE,

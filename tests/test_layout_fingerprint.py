@@ -77,7 +77,8 @@ async def test_a_chunk_loaded_from_l2_keeps_the_layout_that_stored_it(l2, tmp_pa
                 await client.register_kv_cache("a-target", per_layer_target)
                 await client.register_kv_cache("b", cross_layer)
                 await client.store("a", _key(), BLOCKS)
-                await server.server.wait_idle()  # written behind to L2
+                for tier in server.engine.tiering.tiers:  # written behind to L2
+                    await tier.wait_settled()
                 await client.clear()  # L1 only
 
                 assert (await client.lookup(_key(rank=None))).l2_chunks == 2  # held: lookups know no layout

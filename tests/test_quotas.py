@@ -40,7 +40,24 @@ def test_set_merges_tiers_and_delete_removes_one_or_all():
     assert book.all() == {}
 
 
-@pytest.mark.parametrize("value", [-1, math.nan, math.inf, "lots", 1.5, True, None, [1]])
+@pytest.mark.parametrize(
+    "value",
+    [
+        -1,
+        math.nan,
+        math.inf,
+        "lots",
+        1.5,
+        True,
+        None,
+        [1],
+        1e300,
+        2**63,
+        10**301,
+        "99999999999999999999999",
+        -1.0,
+    ],
+)
 def test_invalid_values_are_refused_and_change_nothing(value):
     book = QuotaBook(TIERS)
     with pytest.raises(QuotaError):
@@ -95,6 +112,12 @@ def test_listeners_hear_every_change():
     book.set("a", {"l1": 1})
     book.delete("a")
     assert changes == [{"a": {"l1": 1}}, {}]
+
+
+def test_a_quota_may_be_as_large_as_a_signed_64_bit_count_and_no_larger():
+    assert parse_quota_bytes(2**63 - 1) == 2**63 - 1
+    with pytest.raises(QuotaError, match="at most 9223372036854775807"):
+        parse_quota_bytes(2**63)
 
 
 def test_parse_quota_bytes_accepts_sizes_and_integral_numbers():

@@ -12,6 +12,7 @@ async def test_soak_leaks_nothing_and_loses_no_byte():
     assert report.chunks_verified > 1000
     assert report.l2_loads > 0 and report.l1_evictions > 0
     assert report.truncations > 10
+    assert report.bombs_sent > 50
     # And left nothing behind.
     assert report.leaked_leases == 0
     assert report.leaked_bytes == 0
@@ -20,4 +21,5 @@ async def test_soak_leaks_nothing_and_loses_no_byte():
     assert report.leaked_tasks == 0
     assert report.data_mismatches == 0
     assert report.truncation_surprises == 0  # each copy from or into a truncated file failed
+    assert report.bomb_wrong_replies == 0
     assert report.rss_growth_after_warmup_mib < 64

@@ -107,13 +107,19 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
             "Start an in-process server, register a shared-memory KV cache of Llama-3-8B's "
             "shape (32 layers, 8 KV heads, head size 128, bf16; 256-token chunks = 32 MiB), "
             "store and retrieve chunks through the client, and time, in the same run, a plain "
-            "memcpy of the same bytes and a raw pynng Req/Rep echo of a lookup-sized message."
+            "memcpy of the same bytes and a raw pynng Req/Rep echo of a lookup-sized message. "
+            "One untimed warm-up round of store, retrieve and memcpy runs before the timed rounds."
         ),
     )
     cpu.add_argument("--json", action="store_true", help="print one JSON object")
     cpu.add_argument("--chunks", type=int, default=16, help="chunks stored per round (default 16)")
     cpu.add_argument("--prompt-chunks", type=int, default=4, help="chunks per prompt/request (default 4)")
-    cpu.add_argument("--rounds", type=int, default=3, help="timed rounds; the best is reported (default 3)")
+    cpu.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="timed rounds after one untimed warm-up; the best is reported (default 3)",
+    )
     cpu.add_argument("--layers", type=int, default=32, help="model layers (default 32)")
     cpu.add_argument("--lookups", type=int, default=2000, help="lookups timed (default 2000)")
     cpu.add_argument(

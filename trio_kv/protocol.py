@@ -10,14 +10,19 @@ Type checkers read it from there (``client.call(Ping())`` is a ``Pong``); at run
 
 from __future__ import annotations
 
-from typing import Any, Generic, TypeVar, Union, get_args, get_origin
+from typing import Annotated, Any, Generic, TypeVar, Union, get_args, get_origin
 
 import msgspec
 
 from .errors import ErrorCode, TrioKVError
 from .keys import RequestKey
+from .msgpack_peek import head_kind
 
 PROTOCOL_VERSION = 1
+# Checked from an array's header before any element is built (millions of 6-byte tensor specs
+# cost seconds); registration refuses over 4096 tensors anyway (transfer/layout.py).
+_Dims = Annotated[list[int], msgspec.Meta(max_length=64)]
+_MAX_TENSORS_ON_THE_WIRE = 1 << 14
 
 
 class AdapterUsage(msgspec.Struct, frozen=True):
@@ -208,8 +213,8 @@ class TensorSpec(msgspec.Struct, array_like=True, frozen=True):
 
     offset: int
     dtype: str
-    shape: list[int]
-    strides: list[int]
+    shape: _Dims
+    strides: _Dims
     block_dim: int
 
 
@@ -226,8 +231,8 @@ class CudaRegistration(msgspec.Struct, array_like=True, frozen=True):
     engine records before each store or retrieve (used when a request carries none)."""
 
     device_uuid: bytes  # 16 bytes, as cuDeviceGetUuid reports
-    allocations: list[CudaAllocation]
-    tensor_allocations: list[int]
+    allocations: Annotated[list[CudaAllocation], msgspec.Meta(max_length=_MAX_TENSORS_ON_THE_WIRE)]
+    tensor_allocations: Annotated[list[int], msgspec.Meta(max_length=_MAX_TENSORS_ON_THE_WIRE)]
     event_handle: bytes = b""
 
 
@@ -237,7 +242,7 @@ class RegisterKVCache(RequestFor[Registered], tag="register"):
 
     instance_id: str
     block_size: int  # tokens per block
-    tensors: list[TensorSpec]
+    tensors: Annotated[list[TensorSpec], msgspec.Meta(max_length=_MAX_TENSORS_ON_THE_WIRE)]
     shm_path: str
     shm_bytes: int
     cuda: CudaRegistration | None = None
@@ -347,10 +352,8 @@ def encode(message: Any) -> bytes:
 
 
 def decode_request(buf: bytes, max_message_bytes: int) -> Request:
-    """Decode one request, or raise a typed error saying why it is not one.
-
-    The size is checked before decoding, so an oversized message allocates nothing.
-    """
+    """Decode one request, or raise a typed error saying why it is not one (BAD_REQUEST,
+    UNKNOWN_REQUEST, MESSAGE_TOO_LARGE: the size is checked first, so that allocates nothing)."""
     if len(buf) > max_message_bytes:
         raise TrioKVError(
             ErrorCode.MESSAGE_TOO_LARGE,
@@ -359,23 +362,15 @@ def decode_request(buf: bytes, max_message_bytes: int) -> Request:
     try:
         return _request_decoder.decode(buf)
     except msgspec.ValidationError as exc:
-        raise _classify(buf, exc) from None
+        kind = head_kind(buf)  # an unknown kind, or a malformed known one?
+        if kind is None or kind in REQUEST_KINDS:
+            raise TrioKVError(ErrorCode.BAD_REQUEST, f"malformed request: {exc}") from None
+        known = f"this server knows {sorted(REQUEST_KINDS)}"
+        raise TrioKVError(ErrorCode.UNKNOWN_REQUEST, f"unknown request kind {kind!r}; {known}") from None
     except msgspec.DecodeError as exc:
         raise TrioKVError(ErrorCode.BAD_REQUEST, f"not a msgpack message: {exc}") from None
-
-
-def _classify(buf: bytes, exc: msgspec.ValidationError) -> TrioKVError:
-    """Tell an unknown request kind from a malformed known one."""
-    try:
-        raw = msgspec.msgpack.decode(buf)
-    except msgspec.DecodeError:  # pragma: no cover - the typed decode already parsed it
-        raw = None
-    if isinstance(raw, list) and raw and isinstance(raw[0], str) and raw[0] not in REQUEST_KINDS:
-        return TrioKVError(
-            ErrorCode.UNKNOWN_REQUEST,
-            f"unknown request kind {raw[0][:64]!r}; this server knows {sorted(REQUEST_KINDS)}",
-        )
-    return TrioKVError(ErrorCode.BAD_REQUEST, f"malformed request: {exc}")
+    except RecursionError:  # msgspec stops at the interpreter's depth limit, in bounded time
+        raise TrioKVError(ErrorCode.BAD_REQUEST, "malformed request: nested too deeply") from None
 
 
 def decode_reply(buf: bytes) -> Reply:

@@ -22,6 +22,7 @@ from ..keys import (
     RequestKey,
     effective_end,
     object_keys,
+    validate_salt,
 )
 from ..protocol import (
     Clear,
@@ -286,6 +287,11 @@ class CacheEngine:
         """Copy the leading cached chunks into the engine's blocks, then end this rank's leases."""
         key = request.key
         check_key(key, self.settings.limits, self.chunk_size, needs_rank=True)
+        if request.skip_first_n_tokens < 0:
+            raise TrioKVError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"skip_first_n_tokens must be >= 0, got {request.skip_first_n_tokens}",
+            )
         cache = self._instance(request.instance_id)
         check_blocks(request.block_ids, cache.layout.num_blocks, self.settings.limits)
         block_size = cache.layout.block_size
@@ -359,6 +365,7 @@ class CacheEngine:
             self.leases.clear()
             self.sessions.clear()
         else:
+            validate_salt(request.cache_salt)  # BAD_SALT, like every other request naming one
             self.leases.release_salt(request.cache_salt)
         removed, freed = self.l1.clear(request.cache_salt)
         deleted = 0

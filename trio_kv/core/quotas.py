@@ -27,6 +27,7 @@ from ..keys import validate_salt
 EMPTY_SALT_NAME = "@empty"
 DEFAULT_NAME = "@default"
 L1_TIER = "l1"
+MAX_QUOTA_BYTES = 2**63 - 1  # what a signed 64-bit counter (and Prometheus, exactly) can hold
 
 QuotaListener = Callable[[], None]
 
@@ -58,18 +59,20 @@ def salt_to_url_name(salt: str | None) -> str:
 
 
 def parse_quota_bytes(value: object) -> int:
-    """A quota in bytes: a non-negative integer (or integral float), or a size string."""
+    """A quota in bytes: an integer (or integral float) or a size string, 0..MAX_QUOTA_BYTES."""
+    return _in_range(_quota_bytes(value), value)
+
+
+def _quota_bytes(value: object) -> int:
     from ..sizes import parse_size
 
     if isinstance(value, bool):
         raise QuotaError(f"not a byte count: {value!r}")
     if isinstance(value, float):
-        if not math.isfinite(value) or value < 0 or value != int(value):
+        if not math.isfinite(value) or value != int(value):
             raise QuotaError(f"not a byte count: {value!r}")
         return int(value)
     if isinstance(value, int):
-        if value < 0:
-            raise QuotaError(f"a quota cannot be negative: {value}")
         return value
     if isinstance(value, str):
         try:
@@ -77,6 +80,14 @@ def parse_quota_bytes(value: object) -> int:
         except ValueError as exc:
             raise QuotaError(str(exc)) from None
     raise QuotaError(f"not a byte count: {value!r}")
+
+
+def _in_range(quota: int, value: object) -> int:
+    if quota < 0:
+        raise QuotaError(f"a quota cannot be negative: {value!r}")
+    if quota > MAX_QUOTA_BYTES:  # the value may have thousands of digits: not echoed
+        raise QuotaError(f"a quota must be at most {MAX_QUOTA_BYTES} bytes (2**63 - 1)")
+    return quota
 
 
 class QuotaBook:

@@ -15,7 +15,7 @@ import logging
 import sys
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote
 
 import msgspec
 import trio
@@ -95,6 +95,7 @@ class AdminApp:
             request = HTTPRequest(
                 method=scope["method"].upper(),
                 path=scope["path"],
+                raw_path=(scope.get("raw_path") or b"").decode("latin-1"),
                 query=parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True),
                 headers={name.lower(): value for name, value in scope["headers"]},
             )
@@ -112,9 +113,12 @@ class AdminApp:
     def _route(self, request: HTTPRequest) -> Handler:
         methods = self._routes.get(request.path)
         if methods is None and request.path.startswith(QUOTA_PREFIX):
-            name = request.path[len(QUOTA_PREFIX) :]
+            # The salt is one segment of the path as sent: its '/' comes as %2F, and the salt
+            # check then answers 400 (not 404). The decoded path is the fallback.
+            encoded = request.raw_path.startswith(QUOTA_PREFIX)
+            name = (request.raw_path if encoded else request.path)[len(QUOTA_PREFIX) :]
             if name and "/" not in name:
-                request.salt_name = name
+                request.salt_name = unquote(name) if encoded else name
                 methods = self._quota_routes
         if methods is None:
             raise HTTPError(404, f"no such endpoint: {request.path}")

@@ -41,6 +41,7 @@ class HTTPRequest(msgspec.Struct):
     headers: dict[bytes, bytes]
     body: bytes = b""
     salt_name: str = ""  # the {salt} of /v1/quota/{salt}
+    raw_path: str = ""  # the path as sent, still percent-encoded (so a salt's %2F stays one)
 
 
 class HTTPResponse(msgspec.Struct):

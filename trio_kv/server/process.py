@@ -51,6 +51,7 @@ from .config import ConfigError, ServerConfig
 from .dispatch import Dispatcher, asynchronous
 from .http import start_admin
 from .metrics import ServerMetrics
+from .ratelog import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ log = logging.getLogger(__name__)
 # moderately oversized messages reach the decoder and get a MESSAGE_TOO_LARGE reply.
 _RECV_SLACK = 2
 _SEND_TIMEOUT_MS = 5000
+_FRAME_ERRORS = frozenset({ErrorCode.BAD_REQUEST, ErrorCode.UNKNOWN_REQUEST, ErrorCode.MESSAGE_TOO_LARGE})
 
 
 async def _start_tier(nursery: trio.Nursery, l2: L2Tier, spec: str) -> None:
@@ -159,6 +161,7 @@ class Server:
         self._sockets: list[pynng.Rep0] = []
         self._socket_files: list[str] = []
         self._cancel_scope: trio.CancelScope | None = None
+        self._bad_frames = RateLimitedLog(log)  # one line per 10 s, whatever a client sends
         self.dispatch = Dispatcher(
             {
                 Hello: asynchronous(self._hello),
@@ -310,6 +313,10 @@ class Server:
                 reply = await self.dispatch(request)
         except TrioKVError as exc:
             reply = error_reply(exc)
+            if request is None and exc.code in _FRAME_ERRORS:
+                self._bad_frames.note(
+                    f"refused a frame of {len(buf)} bytes: {exc.code.name}: {exc.message[:200]}"
+                )
         except trio.TooSlowError:
             reply = error_reply(
                 TrioKVError(

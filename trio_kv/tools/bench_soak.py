@@ -18,8 +18,9 @@ def add_parser(bench_subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Run an in-process server with two in-memory L2 tiers that fail, stall and recover at "
             "random, and many clients doing random store/lookup/retrieve/release/end-session/abort "
-            "requests, killed mid-request now and then, and an engine that truncates its plain KV file "
-            "under the server. Afterwards every lease, byte and task is "
+            "requests, killed mid-request now and then, an engine that truncates its plain KV file "
+            "under the server, and a hostile client that sends decode bombs (each must get "
+            "BAD_REQUEST or UNKNOWN_REQUEST). Afterwards every lease, byte and task is "
             "audited and every retrieved byte was checked. Exits 1 if anything leaked or differed."
         ),
     )
@@ -40,6 +41,7 @@ def main(args: argparse.Namespace) -> int:
         or report.leaked_tasks
         or report.data_mismatches
         or report.truncation_surprises
+        or report.bomb_wrong_replies
     )
     if args.json:
         print(msgspec.json.encode(report).decode())

@@ -12,6 +12,7 @@ import os
 import random
 import resource
 from dataclasses import dataclass, field
+from functools import partial
 
 import msgspec
 import torch
@@ -24,12 +25,14 @@ from ..errors import ErrorCode, TrioKVError
 from ..export.shm import SharedKVCache, create_shared_kv_cache
 from ..keys import RequestKey
 from ..testing import running_server
+from .bombs import BombCounts, bomb_loop
 
 CHUNK = 32
 BLOCK = 16
 BLOCKS_PER_CLIENT = 32
 SALTS = ("", "tenant-a", "tenant-b")
 PROMPTS_PER_SALT = 12
+BOMB_BYTES = 1 << 20  # decode bombs a hostile client sends alongside (tools/bombs.py)
 
 
 class SoakReport(msgspec.Struct):
@@ -54,6 +57,8 @@ class SoakReport(msgspec.Struct):
     rss_growth_after_warmup_mib: float
     truncations: int = 0  # plain KV files truncated under the server by their engine
     truncation_surprises: int = 0  # copies from or into a truncated file that did not fail
+    bombs_sent: int = 0
+    bomb_wrong_replies: int = 0  # bombs answered with anything but BAD_REQUEST / UNKNOWN_REQUEST
 
 
 @dataclass
@@ -284,6 +289,7 @@ def _l2_mismatches(l2_tiers: list[L2Tier[MockAdapter]]) -> int:
 async def run_soak(seconds: float, *, clients: int = 8, seed: int = 1) -> SoakReport:
     """Run the soak for ``seconds`` and audit everything afterwards."""
     counts = _Counts()
+    bombs = BombCounts()
     lease_ttl = 1.0
     with create_shared_kv_cache(
         num_blocks=clients * BLOCKS_PER_CLIENT, block_size=BLOCK, num_layers=2, num_kv_heads=2, head_size=32
@@ -308,6 +314,9 @@ async def run_soak(seconds: float, *, clients: int = 8, seed: int = 1) -> SoakRe
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_chaos, adapters, deadline, counts, seed)
                 nursery.start_soon(_truncation_loop, server.url, deadline, counts, seed)
+                nursery.start_soon(
+                    partial(bomb_loop, frame_bytes=BOMB_BYTES), server.url, deadline, bombs, seed
+                )
                 for index in range(clients):
                     nursery.start_soon(_client_loop, index, server.url, kv, deadline, counts, seed)
             # Quiesce: requests finish, write-behind drains, abandoned calls land, leases expire.
@@ -344,6 +353,8 @@ async def run_soak(seconds: float, *, clients: int = 8, seed: int = 1) -> SoakRe
                 rss_growth_after_warmup_mib=counts.rss_samples[-1] - warm,
                 truncations=counts.truncations,
                 truncation_surprises=counts.truncation_surprises,
+                bombs_sent=bombs.sent,
+                bomb_wrong_replies=bombs.wrong_replies,
             )
     for scratch in _scratch.values():
         scratch.close()
