@@ -13,7 +13,7 @@ import torch
 
 from ..errors import ErrorCode, TrioKVError
 from ..protocol import RegisterKVCache, TensorSpec
-from .memfd import SealedRegion, create_sealed_region
+from .memfd import SealedRegion, check_file_owner, create_sealed_region
 
 DEFAULT_SHM_DIR = "/dev/shm"
 _ALIGN = 4096
@@ -165,8 +165,12 @@ def create_shared_tensors(
     return SharedKVCache(path, cursor, block_size, tensors, specs, region, seal)
 
 
-def open_registered_region(request: RegisterKVCache, allowed_dir: str) -> torch.Tensor:
-    """Map a client's shared-memory file after checking where it is and how large it is."""
+def open_registered_region(
+    request: RegisterKVCache, allowed_dir: str, owner_uid: int | None = None
+) -> torch.Tensor:
+    """Map a client's shared-memory file after checking where it is, how large it is and
+    (``owner_uid`` given) that the client owns it. The checks and the mapping use one
+    descriptor, so the path cannot be swapped for another file in between."""
     path = os.path.realpath(request.shm_path)
     root = os.path.realpath(allowed_dir)
     if os.path.commonpath([path, root]) != root:
@@ -174,16 +178,21 @@ def open_registered_region(request: RegisterKVCache, allowed_dir: str) -> torch.
             ErrorCode.BAD_REGISTRATION, f"shared-memory file {request.shm_path!r} is not under {root}"
         )
     try:
-        info = os.stat(path)
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError as exc:
         raise TrioKVError(
             ErrorCode.BAD_REGISTRATION, f"cannot open {request.shm_path!r}: {exc.strerror}"
         ) from None
-    if not stat.S_ISREG(info.st_mode):
-        raise TrioKVError(ErrorCode.BAD_REGISTRATION, f"{request.shm_path!r} is not a regular file")
-    if request.shm_bytes < 1 or request.shm_bytes > info.st_size:
-        raise TrioKVError(
-            ErrorCode.BAD_REGISTRATION,
-            f"declared {request.shm_bytes} bytes but {request.shm_path!r} holds {info.st_size}",
-        )
-    return map_file(path, request.shm_bytes)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise TrioKVError(ErrorCode.BAD_REGISTRATION, f"{request.shm_path!r} is not a regular file")
+        check_file_owner(info, request.shm_path, owner_uid)
+        if request.shm_bytes < 1 or request.shm_bytes > info.st_size:
+            raise TrioKVError(
+                ErrorCode.BAD_REGISTRATION,
+                f"declared {request.shm_bytes} bytes but {request.shm_path!r} holds {info.st_size}",
+            )
+        return map_file(f"/proc/self/fd/{fd}", request.shm_bytes)
+    finally:
+        os.close(fd)
