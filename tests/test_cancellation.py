@@ -194,15 +194,16 @@ async def test_a_request_that_times_out_gets_a_timeout_error_and_leaks_nothing(k
 async def test_a_vanished_client_leaks_nothing(kv):
     injector = FaultInjector("store.after_copy", "hang")
     async with running_server(chunk_size=CHUNK, faults=injector) as server:
+        # The engine's connection (which holds the registration) stays; the storing one vanishes.
         async with await AsyncClient.connect(server.url) as client:
             await client.register_kv_cache("w", kv)
-        with pynng.Req0(resend_time=-1) as sock:
-            sock.dial(server.url, block=True)
-            await sock.asend(encode(store_request()))
-            await injector.reached.wait()
-        # The client is gone; the request completes and its reply goes nowhere.
-        injector.release.set()
-        with trio.fail_after(5):
-            await server.server.wait_idle()
-        assert_no_leaks(server)
-        assert len(server.engine.l1) == 3  # the store finished all its chunks
+            with pynng.Req0(resend_time=-1) as sock:
+                sock.dial(server.url, block=True)
+                await sock.asend(encode(store_request()))
+                await injector.reached.wait()
+            # The client is gone; the request completes and its reply goes nowhere.
+            injector.release.set()
+            with trio.fail_after(5):
+                await server.server.wait_idle()
+            assert_no_leaks(server)
+            assert len(server.engine.l1) == 3  # the store finished all its chunks

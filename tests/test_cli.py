@@ -125,7 +125,9 @@ def test_environment_can_name_the_config_file_and_listen_urls(tmp_path):
     config_file = tmp_path / "kv.toml"
     config_file.write_text("chunk_size = 64\n")
     merged = print_config(
-        TRIO_KV_CONFIG=str(config_file), TRIO_KV_LISTEN="ipc:///tmp/a.sock,tcp://127.0.0.1:5555"
+        TRIO_KV_CONFIG=str(config_file),
+        TRIO_KV_LISTEN="ipc:///tmp/a.sock,tcp://127.0.0.1:5555",
+        TRIO_KV_ALLOW_UNAUTHENTICATED_TCP="true",
     )
     assert merged["chunk_size"] == 64
     assert merged["listen"] == ["ipc:///tmp/a.sock", "tcp://127.0.0.1:5555"]

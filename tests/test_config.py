@@ -79,7 +79,9 @@ def test_defaults_apply_without_any_source():
 
 
 def test_toml_file_overrides_defaults(tmp_path):
-    path = write_toml(tmp_path, 'chunk_size = 512\nl1_size = "1GiB"\nlisten = ["tcp://127.0.0.1:5555"]\n')
+    path = write_toml(
+        tmp_path, 'chunk_size = 512\nl1_size = "1GiB"\nlisten = ["tcp://127.0.0.1:5555"]\ndata_token = "t"\n'
+    )
     config = load_config(path=path, environ={})
     assert config.chunk_size == 512
     assert config.l1_size == GiB
@@ -133,7 +135,9 @@ def test_environment_values_are_converted_to_field_types():
 
 
 def test_environment_listen_is_a_comma_list():
-    config = load_config(environ={"TRIO_KV_LISTEN": "ipc:///tmp/a.sock, tcp://127.0.0.1:7000,"})
+    config = load_config(
+        environ={"TRIO_KV_LISTEN": "ipc:///tmp/a.sock, tcp://127.0.0.1:7000,", "TRIO_KV_DATA_TOKEN": "t"}
+    )
     assert config.listen == ["ipc:///tmp/a.sock", "tcp://127.0.0.1:7000"]
 
 
@@ -227,7 +231,7 @@ def test_config_json_is_valid_json_with_every_field():
 
 def test_config_json_round_trips():
     config = load_config(
-        environ={"TRIO_KV_LISTEN": "ipc:///tmp/x.sock,tcp://127.0.0.1:1"},
+        environ={"TRIO_KV_LISTEN": "ipc:///tmp/x.sock,tcp://127.0.0.1:1", "TRIO_KV_DATA_TOKEN": "t"},
         overrides={"evict_low_watermark": 0.5, "shm_dir": "/tmp"},
     )
     assert msgspec.json.decode(config_json(config), type=ServerConfig) == config

@@ -214,17 +214,22 @@ async def test_store_reports_chunks_that_did_not_fit(kv):
         assert_no_leaks(server, leases_allowed=True)
 
 
-async def test_clear_drops_chunks_leases_and_bytes(client, server):
-    tokens = prompt(2 * CHUNK_SIZE)
-    await client.store("worker-0", key(tokens, salt="a"), blocks(0, 4))
-    await client.store("worker-0", key(tokens, salt="b"), blocks(0, 4))
-    await client.lookup(key(tokens, rank=None, salt="a", request_id="r"))
-    cleared = await client.clear("a")
-    assert cleared.entries_removed == 2
-    assert server.engine.l1.ledger.bytes_by_salt.keys() == {"b"}
-    assert (await client.clear()).entries_removed == 2
-    assert server.engine.l1.ledger.total == 0
-    assert_no_leaks(server)
+async def test_clear_drops_chunks_leases_and_bytes(kv):
+    async with (
+        running_server(chunk_size=CHUNK_SIZE, admin_token="admin-secret") as server,
+        await AsyncClient.connect(server.url, token="admin-secret") as client,
+    ):
+        await client.register_kv_cache("worker-0", kv)
+        tokens = prompt(2 * CHUNK_SIZE)
+        await client.store("worker-0", key(tokens, salt="a"), blocks(0, 4))
+        await client.store("worker-0", key(tokens, salt="b"), blocks(0, 4))
+        await client.lookup(key(tokens, rank=None, salt="a", request_id="r"))
+        cleared = await client.clear("a")
+        assert cleared.entries_removed == 2
+        assert server.engine.l1.ledger.bytes_by_salt.keys() == {"b"}
+        assert (await client.clear()).entries_removed == 2  # every salt: this client said the admin token
+        assert server.engine.l1.ledger.total == 0
+        assert_no_leaks(server)
 
 
 async def test_unregister_makes_the_instance_unknown(client):
@@ -293,8 +298,8 @@ async def test_tcp_listener_serves_too():
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     url = f"tcp://127.0.0.1:{port}"
-    async with running_server(chunk_size=CHUNK_SIZE, listen=[url]) as server:
-        async with await AsyncClient.connect(server.url) as client:
+    async with running_server(chunk_size=CHUNK_SIZE, listen=[url], data_token="data-secret") as server:
+        async with await AsyncClient.connect(server.url, token="data-secret") as client:
             await client.ping()
             assert client.chunk_size == CHUNK_SIZE
 

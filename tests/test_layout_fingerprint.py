@@ -53,7 +53,7 @@ async def test_each_layout_round_trips_its_own_bytes_under_the_same_key(server):
             await client.register_kv_cache("b", cross_layer)
             await client.register_kv_cache("b-target", cross_target)
             await client.store("a", _key(), BLOCKS)
-            await client.clear()  # B's own store takes the key over
+            await client.clear("")  # B's own store takes the key over
             assert (await client.store("b", _key(), BLOCKS)).stored == 2
             assert (await client.retrieve("b-target", _key(), BLOCKS)).chunks_written == 2
             # And A, of the other layout, now misses.
@@ -79,7 +79,7 @@ async def test_a_chunk_loaded_from_l2_keeps_the_layout_that_stored_it(l2, tmp_pa
                 await client.store("a", _key(), BLOCKS)
                 for tier in server.engine.tiering.tiers:  # written behind to L2
                     await tier.wait_settled()
-                await client.clear()  # L1 only
+                await client.clear("")  # L1 only
 
                 assert (await client.lookup(_key(rank=None))).l2_chunks == 2  # held: lookups know no layout
                 assert (await client.retrieve("b", _key(), BLOCKS)).chunks_written == 0

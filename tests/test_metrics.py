@@ -305,7 +305,7 @@ async def test_every_documented_family_is_exposed(mock_server, kv):
     async with await connect(mock_server, kv) as client:
         await client.store("w", RequestKey("m", 1, 0, tokens(1)), blocks(1))
         await client.lookup(RequestKey("m", 1, None, tokens(1)))
-    metrics = await scrape(mock_server)
+        metrics = await scrape(mock_server)  # while the registering connection is open
     expected = {
         "trio_kv_requests": "counter",
         "trio_kv_request_duration_seconds": "histogram",
@@ -331,6 +331,8 @@ async def test_every_documented_family_is_exposed(mock_server, kv):
         "trio_kv_l1_entries": "gauge",
         "trio_kv_leases": "gauge",
         "trio_kv_sessions": "gauge",
+        "trio_kv_session_bytes": "gauge",
+        "trio_kv_memory_estimate_bytes": "gauge",
         "trio_kv_instances": "gauge",
         "trio_kv_requests_in_flight": "gauge",
         "trio_kv_event_loop_lag_seconds": "histogram",

@@ -21,7 +21,7 @@ def free_tcp_url() -> tuple[str, int]:
 
 async def test_half_sent_messages_and_clients_that_never_read_do_not_stall_others():
     url, port = free_tcp_url()
-    async with running_server(listen=[url], workers=4) as server:
+    async with running_server(listen=[url], workers=4, allow_unauthenticated_tcp=True) as server:
         # A peer that sends a third of nng's handshake and then nothing.
         half = socket.create_connection(("127.0.0.1", port))
         half.sendall(b"\x00SP")

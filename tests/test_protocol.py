@@ -191,6 +191,7 @@ class NewerHello(msgspec.Struct, array_like=True, tag_field="kind", tag="hello")
 
     protocol_version: int
     client_name: str
+    token: str
     features: list[str]
 
 
@@ -211,7 +212,7 @@ def test_request_key_without_trailing_optional_fields_decodes_with_defaults():
 
 
 def test_newer_peer_appended_field_is_ignored():
-    newer = NewerHello(protocol_version=PROTOCOL_VERSION, client_name="next", features=["x"])
+    newer = NewerHello(protocol_version=PROTOCOL_VERSION, client_name="next", token="", features=["x"])
     decoded = decode_request(msgspec.msgpack.encode(newer), LIMIT)
     assert decoded == Hello(protocol_version=PROTOCOL_VERSION, client_name="next")
 

@@ -101,8 +101,8 @@ _ENGINE = textwrap.dedent(
     kv = make_kv_cache(num_blocks=16, block_size=16)
     with BlockingClient.connect(sys.argv[1]) as client:
         client.register_kv_cache("engine-in-a-child", kv)
-    print("registered", flush=True)
-    sys.stdin.read()  # until the test closes our stdin or kills us
+        print("registered", flush=True)
+        sys.stdin.read()  # until the test closes our stdin or kills us
     """
 )
 

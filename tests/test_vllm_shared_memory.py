@@ -181,23 +181,35 @@ async def test_a_shared_engine_and_a_staged_engine_share_chunks(server):
 
 
 async def test_a_worker_whose_registration_is_gone_registers_again(server):
-    def scenario():
-        kv, allocation = allocate(True)
-        logic = worker(server.url, "engine")
-        try:
-            register(logic, kv, allocation)
-            with BlockingClient.connect(server.url) as other:
-                other.unregister("engine")  # what a server restart does to it
+    kv, allocation = allocate(True)
+    assert allocation is not None
+    logic = await trio.to_thread.run_sync(worker, server.url, "engine")
+    try:
+        await trio.to_thread.run_sync(register, logic, kv, allocation)
+        assert list(server.engine.instances) == ["engine"]
+        # The connection drops (a network blip, or the server restarting): its registration
+        # goes with it, and nng redials.
+        closed_before = server.server.connections.closed_count
+        for sock in server.server._sockets:
+            for pipe in sock.pipes:
+                pipe.close()
+        with trio.fail_after(5):
+            await server.server.connections.wait_closed(closed_before + 1)
+        assert server.engine.instances == {}
+        with trio.fail_after(5):
+            while not logic._calls.client._sock.pipes:  # noqa: ASYNC110 -- nng redials in its own thread
+                await trio.sleep(0.01)
+
+        def store() -> None:
             logic.wait_for_save(StepPlan(stores=[StorePlan("r", "m", "", TOKENS, SOURCE_BLOCKS, 0)]))
             logic.drain()
-            return logic.stats
-        finally:
-            logic.shutdown()
-            assert allocation is not None
-            allocation.close()
 
-    stats = await trio.to_thread.run_sync(scenario)
-    assert (stats.chunks_stored, stats.store_failures) == (2, 0)
+        await trio.to_thread.run_sync(store)
+        assert (logic.stats.chunks_stored, logic.stats.store_failures) == (2, 0)
+        assert list(server.engine.instances) == ["engine"]  # registered again, on the new connection
+    finally:
+        await trio.to_thread.run_sync(logic.shutdown)
+        allocation.close()
 
 
 async def test_calls_fail_at_once_while_the_server_is_gone(server):

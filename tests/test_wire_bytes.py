@@ -61,7 +61,7 @@ USAGE = AdapterUsage(
 )
 
 MESSAGES = {
-    "hello": Hello(protocol_version=1, client_name="c"),
+    "hello": Hello(protocol_version=1, client_name="c", token="t"),
     "ping": Ping(),
     "register": RegisterKVCache(
         instance_id="i",
@@ -155,7 +155,7 @@ MESSAGES = {
 
 
 WIRE_HEX = {
-    "hello": "93a568656c6c6f01a163",
+    "hello": "94a568656c6c6f01a163a174",
     "ping": "91a470696e67",
     "register": "97a87265676973746572a16910919540a7666c6f6174313692020392030101ab2f6465762f73686d2f6b76cd100094c4100a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a9192c4040b0b0b0bcd20009100c4010c",
     "unregister": "92aa756e7265676973746572a169",
@@ -249,3 +249,12 @@ def test_a_status_reply_without_the_write_behind_loss_counters_still_decodes():
     tier = decoded.l2[0]
     assert (tier.lost, tier.skipped_orphan, tier.breaker_skips) == (0, 0, 0)
     assert (tier.evict_errors, tier.write_failures) == (15, 6)
+
+
+# hello as clients sent it before ``token`` was appended: still a Hello, with no token.
+HELLO_BEFORE_TOKEN = "93a568656c6c6f01a163"
+
+
+def test_a_hello_without_the_token_still_decodes():
+    buf = bytes.fromhex(HELLO_BEFORE_TOKEN)
+    assert decode_request(buf, len(buf)) == Hello(protocol_version=1, client_name="c", token="")

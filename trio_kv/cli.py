@@ -263,7 +263,8 @@ def cmd_ping(args: argparse.Namespace) -> int:
 
     url = args.url or os.environ.get("TRIO_KV_URL") or DEFAULT_LISTEN
     try:
-        with BlockingClient.connect(url, timeout_s=args.timeout) as client:
+        token = os.environ.get("TRIO_KV_DATA_TOKEN", "")  # what a tcp:// listener needs
+        with BlockingClient.connect(url, timeout_s=args.timeout, token=token) as client:
             client.ping()
             hello = client.hello
     except Exception as exc:

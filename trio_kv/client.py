@@ -202,6 +202,9 @@ class _Client:
 
     hello: HelloOk | None = None
     call: Callable[..., Any]
+    # Said again when the server answers UNAUTHENTICATED: nng redialled, and a new connection
+    # to a tcp:// listener has not said the token yet.
+    _hello_request: Hello | None = None
 
     def __init__(self, sock: pynng.Req0, timeout_s: float, *, fail_fast: bool = False) -> None:
         self._sock = sock
@@ -228,6 +231,14 @@ class _Client:
     def close(self) -> None:
         self._sock.close()
 
+    def _says_hello_again(self, request: Any, exc: ServerError) -> bool:
+        return (
+            exc.code == ErrorCode.UNAUTHENTICATED
+            and self._hello_request is not None
+            and bool(self._hello_request.token)
+            and not isinstance(request, Hello)
+        )
+
     ping = Op(_ping)
     register = Op(_register)
     register_kv_cache = Op(_register_kv_cache)
@@ -246,13 +257,21 @@ class AsyncClient(_Client):
 
     @classmethod
     async def connect(
-        cls, url: str, *, timeout_s: float = DEFAULT_TIMEOUT_S, wait: bool = False, hello: bool = True
+        cls,
+        url: str,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        wait: bool = False,
+        hello: bool = True,
+        token: str = "",
     ) -> AsyncClient:
-        """Dial ``url`` and say Hello. ``wait=True`` keeps redialling until a server appears."""
+        """Dial ``url`` and say Hello. ``wait=True`` keeps redialling until a server appears.
+        ``token``: the data token a tcp:// listener needs, or the admin token."""
         client = cls(_open_socket(url, wait=wait, timeout_s=timeout_s), timeout_s)
+        client._hello_request = Hello(PROTOCOL_VERSION, "trio_kv.AsyncClient", token)
         if hello:
             try:
-                client.hello = await client.call(Hello(PROTOCOL_VERSION, "trio_kv.AsyncClient"))
+                client.hello = await client.call(client._hello_request)
             except BaseException:
                 client.close()
                 raise
@@ -266,6 +285,18 @@ class AsyncClient(_Client):
         timeout_s: float | None = None,
     ) -> ReplyT:
         """Send one request and wait for its reply; raises ServerError on an error reply."""
+        try:
+            return await self._call_once(request, expected, timeout_s)
+        except ServerError as exc:
+            if not self._says_hello_again(request, exc):
+                raise
+        assert self._hello_request is not None
+        self.hello = await self._call_once(self._hello_request, HelloOk, timeout_s)
+        return await self._call_once(request, expected, timeout_s)
+
+    async def _call_once(
+        self, request: RequestFor[ReplyT], expected: type[ReplyT] | None, timeout_s: float | None
+    ) -> ReplyT:
         buf = self._encode(request)
         with trio.fail_after(self.timeout_s if timeout_s is None else timeout_s):
             ctx = self._sock.new_context()
@@ -288,12 +319,19 @@ class BlockingClient(_Client):
 
     @classmethod
     def connect(
-        cls, url: str, *, timeout_s: float = DEFAULT_TIMEOUT_S, wait: bool = False, hello: bool = True
+        cls,
+        url: str,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        wait: bool = False,
+        hello: bool = True,
+        token: str = "",
     ) -> BlockingClient:
         client = cls(_open_socket(url, wait=wait, timeout_s=timeout_s), timeout_s)
+        client._hello_request = Hello(PROTOCOL_VERSION, "trio_kv.BlockingClient", token)
         if hello:
             try:
-                client.hello = client.call(Hello(PROTOCOL_VERSION, "trio_kv.BlockingClient"))
+                client.hello = client.call(client._hello_request)
             except BaseException:
                 client.close()
                 raise
@@ -302,7 +340,17 @@ class BlockingClient(_Client):
     def call(self, request: RequestFor[ReplyT], expected: type[ReplyT] | None = None) -> ReplyT:
         """Send one request and wait for its reply; raises ServerError on an error reply,
         TimeoutError past ``timeout_s``, ConnectionError at once when ``fail_fast`` and
-        no connection is up."""
+        no connection is up. A reconnected client says its Hello (token) again when asked."""
+        try:
+            return self._call_once(request, expected)
+        except ServerError as exc:
+            if not self._says_hello_again(request, exc):
+                raise
+        assert self._hello_request is not None
+        self.hello = self._call_once(self._hello_request, HelloOk)
+        return self._call_once(request, expected)
+
+    def _call_once(self, request: RequestFor[ReplyT], expected: type[ReplyT] | None) -> ReplyT:
         buf = self._encode(request)
         if self.fail_fast and not self._sock.pipes:
             raise ConnectionError("not connected to the trio-kv server (nng is redialling)")

@@ -22,6 +22,8 @@ class ErrorCode(enum.IntEnum):
     BAD_REGISTRATION = 12
     TRANSFER_FAILED = 13
     SHUTTING_DOWN = 14
+    PERMISSION_DENIED = 15  # the connection may not do this (another's instance, another's file, admin)
+    UNAUTHENTICATED = 16  # a listener that needs a token, and this connection has not said it in Hello
 
 
 class TrioKVError(Exception):

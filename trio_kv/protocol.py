@@ -196,8 +196,12 @@ class RequestFor(_Message, Generic[ReplyT]):
 
 
 class Hello(RequestFor[HelloOk], tag="hello"):
+    """The first request on a connection. ``token``: the data-plane token a tcp:// listener
+    needs, or the admin token (which also allows admin requests such as Clear of every salt)."""
+
     protocol_version: int
     client_name: str = ""
+    token: str = ""
 
 
 class Ping(RequestFor[Pong], tag="ping"):

@@ -50,6 +50,8 @@ from .checks import check_blocks, check_id, check_key
 from .l1 import Entry, L1Store, Refusal
 from .leases import LeaseTable
 from .owners import OwnerWatch
+from .peers import Peer, require_admin
+from .registry import InstanceRegistry
 from .sessions import HashSessions
 from .status import engine_status
 from .tiering import Tiering
@@ -96,9 +98,7 @@ class CacheEngine:
             max_bytes=settings.max_session_bytes,
         )
         self.leases = LeaseTable(l1)
-        self.instances: dict[str, MappedKVCache] = {}
-        # Registrations of sealed memfds are dropped when the process that owns the memory exits.
-        self.owners = OwnerWatch(self._owner_exited)
+        self.registry = InstanceRegistry()
         self.started_at = time.monotonic()
         self.requests_in_flight = 0
         self.layout_mismatches = 0  # retrieves stopped at a chunk another KV layout stored
@@ -107,8 +107,17 @@ class CacheEngine:
 
     # ------------------------------------------------------------ registry
 
-    def register(self, request: RegisterKVCache) -> Registered:
-        """Map an engine's KV cache. Registering a known instance id replaces it."""
+    @property
+    def instances(self) -> dict[str, MappedKVCache]:
+        return self.registry.instances
+
+    @property
+    def owners(self) -> OwnerWatch:
+        return self.registry.owners
+
+    def register(self, request: RegisterKVCache, peer: Peer | None = None) -> Registered:
+        """Map an engine's KV cache for ``peer``. Registering a known instance id replaces it,
+        unless another open connection holds it; on ipc:// the file must be the peer's own."""
         max_chars = self.settings.limits.max_id_chars
         if not request.instance_id or len(request.instance_id) > max_chars:
             raise TrioKVError(ErrorCode.INVALID_ARGUMENT, f"instance_id must be 1..{max_chars} characters")
@@ -117,33 +126,21 @@ class CacheEngine:
                 ErrorCode.BAD_REGISTRATION,
                 f"block_size {request.block_size} must divide the chunk size {self.chunk_size}",
             )
-        cache = self.transfer.open(request)
-        replaced = self.instances.get(request.instance_id)
-        if replaced is not None:
-            self.owners.forget(replaced)
-        self.instances[request.instance_id] = cache
-        if cache.owner_pidfd is not None:
-            self.owners.watch(cache, cache.owner_pidfd)
+        self.registry.check_may_register(request.instance_id, peer)
+        cache = self.transfer.open(request, owner_uid=None if peer is None else peer.uid)
+        self.registry.add(request.instance_id, cache, peer)
         return Registered(request.instance_id, cache.layout.num_blocks, cache.layout.block_bytes)
 
-    def unregister(self, request: UnregisterKVCache) -> Unregistered:
+    def unregister(self, request: UnregisterKVCache, peer: Peer | None = None) -> Unregistered:
         # Copies in flight keep their own reference to the mapping, so this is safe at any time.
-        cache = self.instances.pop(request.instance_id, None)
-        if cache is not None:
-            self.owners.forget(cache)
-        return Unregistered(existed=cache is not None)
+        return Unregistered(existed=self.registry.remove(request.instance_id, peer))
 
-    def _owner_exited(self, cache: object) -> None:
-        for instance_id, registered in list(self.instances.items()):
-            if registered is cache:
-                del self.instances[instance_id]
-                log.info("KV cache %r unregistered: the process that owns its memory exited", instance_id)
+    def drop_peer(self, peer: Peer) -> int:
+        """Unregister what ``peer``'s connection registered: it went away."""
+        return self.registry.drop_peer(peer)
 
     def _instance(self, instance_id: str) -> MappedKVCache:
-        cache = self.instances.get(instance_id)
-        if cache is None:
-            raise TrioKVError(ErrorCode.UNKNOWN_INSTANCE, f"no KV cache registered as {instance_id!r}")
-        return cache
+        return self.registry.get(instance_id)
 
     async def _copy(
         self,
@@ -360,8 +357,10 @@ class CacheEngine:
         released = self.leases.release_all((request.cache_salt, request.request_id))
         return SessionEnded(leases_released=released, had_session=had)
 
-    async def clear(self, request: Clear) -> Cleared:
+    async def clear(self, request: Clear, peer: Peer | None = None) -> Cleared:
+        """Drop ``request.cache_salt``'s chunks, or every salt's (an admin action)."""
         if request.cache_salt is None:
+            require_admin(peer, "Clear of every salt")
             self.leases.clear()
             self.sessions.clear()
         else:

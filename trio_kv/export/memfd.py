@@ -78,11 +78,12 @@ class OpenedRegion:
     owner_pidfd: int  # readable once the owner exits; the caller closes it
 
 
-def open_sealed_region(path: str, nbytes: int) -> OpenedRegion:
+def open_sealed_region(path: str, nbytes: int, owner_uid: int | None = None) -> OpenedRegion:
     """Open and map an engine's sealed region after checking its seals and size.
 
     Raises BAD_REGISTRATION for anything that is not a live process's memfd sealed
-    against shrinking and at least ``nbytes`` long.
+    against shrinking and at least ``nbytes`` long, PERMISSION_DENIED for a memfd not
+    owned by ``owner_uid`` (when given).
     """
     pid = sealed_path_owner(path)
     if pid is None:
@@ -98,7 +99,7 @@ def open_sealed_region(path: str, nbytes: int) -> OpenedRegion:
         try:
             if _has_exited(pidfd):
                 raise TrioKVError(ErrorCode.BAD_REGISTRATION, f"process {pid} exited during registration")
-            tensor = _map_verified(fd, path, nbytes)
+            tensor = _map_verified(fd, path, nbytes, owner_uid)
         finally:
             os.close(fd)
     except BaseException:
@@ -114,10 +115,20 @@ def _open_fd(path: str) -> int:
         raise TrioKVError(ErrorCode.BAD_REGISTRATION, f"cannot open {path!r}: {exc.strerror}") from None
 
 
-def _map_verified(fd: int, path: str, nbytes: int) -> torch.Tensor:
+def check_file_owner(info: os.stat_result, path: str, owner_uid: int | None) -> None:
+    """Refuse (PERMISSION_DENIED) a file whose owner is not ``owner_uid``; None checks nothing."""
+    if owner_uid is not None and info.st_uid != owner_uid:
+        raise TrioKVError(
+            ErrorCode.PERMISSION_DENIED,
+            f"{path!r} belongs to uid {info.st_uid}, not to the registering peer (uid {owner_uid})",
+        )
+
+
+def _map_verified(fd: int, path: str, nbytes: int, owner_uid: int | None) -> torch.Tensor:
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
         raise TrioKVError(ErrorCode.BAD_REGISTRATION, f"{path!r} is not a memory file")
+    check_file_owner(info, path, owner_uid)
     try:
         seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
     except OSError:

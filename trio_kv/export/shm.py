@@ -13,7 +13,7 @@ import torch
 
 from ..errors import ErrorCode, TrioKVError
 from ..protocol import RegisterKVCache, TensorSpec
-from .memfd import SealedRegion, create_sealed_region
+from .memfd import SealedRegion, check_file_owner, create_sealed_region
 
 DEFAULT_SHM_DIR = "/dev/shm"
 _ALIGN = 4096
@@ -165,11 +165,11 @@ def create_shared_tensors(
     return SharedKVCache(path, cursor, block_size, tensors, specs, region, seal)
 
 
-def open_registered_file(request: RegisterKVCache, allowed_dir: str) -> int:
-    """Open a client's plain shared-memory file (O_RDWR) after checking where it is and
-    how large it is; returns the descriptor. The server copies through it with
-    preadv/pwritev and never maps it: the file can be truncated under the server, and a
-    mapping touched past a shrunken file's end raises SIGBUS."""
+def open_registered_file(request: RegisterKVCache, allowed_dir: str, owner_uid: int | None = None) -> int:
+    """Open a client's plain shared-memory file (O_RDWR) after checking where it is, how
+    large it is and (``owner_uid`` given) that the client owns it; returns the descriptor.
+    The server copies through it with preadv/pwritev and never maps it: the file can be
+    truncated under the server, and a mapping touched past a shrunken file's end raises SIGBUS."""
     path = os.path.realpath(request.shm_path)
     root = os.path.realpath(allowed_dir)
     if os.path.commonpath([path, root]) != root:
@@ -186,6 +186,7 @@ def open_registered_file(request: RegisterKVCache, allowed_dir: str) -> int:
         info = os.fstat(fd)  # of what was opened, not of what the path names now
         if not stat.S_ISREG(info.st_mode):
             raise TrioKVError(ErrorCode.BAD_REGISTRATION, f"{request.shm_path!r} is not a regular file")
+        check_file_owner(info, request.shm_path, owner_uid)
         if request.shm_bytes < 1 or request.shm_bytes > info.st_size:
             raise TrioKVError(
                 ErrorCode.BAD_REGISTRATION,

@@ -64,6 +64,8 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     admin: str = "127.0.0.1:8470"
     no_admin: bool = False
     admin_token: str = ""
+    data_token: str = ""
+    allow_unauthenticated_tcp: bool = False
 
     def validate(self) -> ServerConfig:
         """Return self if every value is usable, else raise ConfigError naming the field."""
@@ -72,6 +74,12 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         for url in self.listen:
             if not url.startswith(("ipc://", "tcp://")):
                 raise ConfigError(f"listen: {url!r} must start with ipc:// or tcp://")
+            if url.startswith("tcp://") and not self.data_token and not self.allow_unauthenticated_tcp:
+                raise ConfigError(
+                    f"listen: {url} would let anyone who can reach it read, write and clear the cache: "
+                    "set data_token (TRIO_KV_DATA_TOKEN; clients say it in Hello), or "
+                    "allow_unauthenticated_tcp = true on a network you trust"
+                )
         positive = {
             "l1_size": self.l1_size,
             "chunk_size": self.chunk_size,

@@ -1,7 +1,9 @@
 """The request table: request type -> async handler, checked against the protocol.
 
 Every handler has one calling convention, ``async def handler(request) -> reply``;
-``asynchronous`` adapts the few that never wait. The table must name every request
+``asynchronous`` adapts the few that never wait. The few that need to know which
+connection asked (register, unregister, clear, hello) are wrapped in ``WithPeer`` and
+are also given the request's ``Peer`` (None: a caller inside the server's process). The table must name every request
 kind the protocol defines, and a handler's reply must be the type its request
 declares (``protocol.REPLY_OF``); a mismatch is a server bug, answered as INTERNAL.
 """
@@ -12,22 +14,29 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
+from ..core.peers import Peer
 from ..errors import ErrorCode, TrioKVError
 from ..protocol import REPLY_OF, RequestFor
 
 log = logging.getLogger(__name__)
 
-Q = TypeVar("Q")
 A = TypeVar("A")
 
 Handler = Callable[[Any], Awaitable[Any]]
 
 
-def asynchronous(handler: Callable[[Q], A]) -> Callable[[Q], Awaitable[A]]:
+class WithPeer:
+    """A table entry whose handler is also given the connection the request came on."""
+
+    def __init__(self, handler: Callable[[Any, Peer | None], Awaitable[Any]]) -> None:
+        self.handler = handler
+
+
+def asynchronous(handler: Callable[..., A]) -> Callable[..., Awaitable[A]]:
     """Give a handler that never waits the table's calling convention."""
 
-    async def run(request: Q) -> A:
-        return handler(request)
+    async def run(*args: Any) -> A:
+        return handler(*args)
 
     run.__name__ = getattr(handler, "__name__", run.__name__)
     run.__qualname__ = getattr(handler, "__qualname__", run.__qualname__)
@@ -37,7 +46,7 @@ def asynchronous(handler: Callable[[Q], A]) -> Callable[[Q], Awaitable[A]]:
 class Dispatcher:
     """Answers a decoded request by calling its kind's handler and checking the reply's type."""
 
-    def __init__(self, handlers: Mapping[type, Handler]) -> None:
+    def __init__(self, handlers: Mapping[type, Handler | WithPeer]) -> None:
         missing = REPLY_OF.keys() - handlers.keys()
         unknown = handlers.keys() - REPLY_OF.keys()
         if missing or unknown:
@@ -52,12 +61,13 @@ class Dispatcher:
         """The request types this table answers."""
         return frozenset(self._handlers)
 
-    async def __call__(self, request: RequestFor[Any]) -> Any:
+    async def __call__(self, request: RequestFor[Any], peer: Peer | None = None) -> Any:
         """Run ``request``'s handler and return its reply, which is checked to be of the type
         ``request`` declares (the declared type is not spelled here: a decoded request is a
         union). Handler errors pass through; a reply of the wrong type raises INTERNAL."""
         request_type = type(request)
-        reply = await self._handlers[request_type](request)
+        entry = self._handlers[request_type]
+        reply = await (entry.handler(request, peer) if isinstance(entry, WithPeer) else entry(request))
         expected = REPLY_OF[request_type]
         if not isinstance(reply, expected):
             log.error(

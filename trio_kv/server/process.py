@@ -9,6 +9,7 @@ task is cancelled and ipc:// socket files are removed.
 from __future__ import annotations
 
 import contextlib
+import hmac
 import logging
 import os
 import socket
@@ -22,6 +23,7 @@ from ..adapters.base import StoreMissing
 from ..core.engine import CacheEngine, EngineSettings, FaultHook
 from ..core.l1 import L1Store
 from ..core.l2_tier import L2Tier
+from ..core.peers import Peer
 from ..core.quotas import L1_TIER, QuotaBook
 from ..core.tiering import Tiering, TieringSettings
 from ..errors import ErrorCode, TrioKVError, single_cause
@@ -48,7 +50,8 @@ from ..protocol import (
 from ..transfer import arena_pinner, select_backend
 from .admin import AdminApp
 from .config import ConfigError, ServerConfig
-from .dispatch import Dispatcher, asynchronous
+from .connections import Connections
+from .dispatch import Dispatcher, WithPeer, asynchronous
 from .http import start_admin
 from .metrics import ServerMetrics
 from .ratelog import RateLimitedLog
@@ -162,18 +165,20 @@ class Server:
         self._socket_files: list[str] = []
         self._cancel_scope: trio.CancelScope | None = None
         self._bad_frames = RateLimitedLog(log)  # one line per 10 s, whatever a client sends
+        # A registration lives as long as the connection that made it.
+        self.connections = Connections(self.engine.drop_peer)
         self.dispatch = Dispatcher(
             {
-                Hello: asynchronous(self._hello),
+                Hello: WithPeer(asynchronous(self._hello)),
                 Ping: asynchronous(lambda _: Pong()),
-                RegisterKVCache: asynchronous(self.engine.register),
-                UnregisterKVCache: asynchronous(self.engine.unregister),
+                RegisterKVCache: WithPeer(asynchronous(self.engine.register)),
+                UnregisterKVCache: WithPeer(asynchronous(self.engine.unregister)),
                 Store: self.engine.store,
                 Lookup: self.engine.lookup,
                 Retrieve: self.engine.retrieve,
                 ReleaseLookup: asynchronous(self.engine.release),
                 EndSession: asynchronous(self.engine.end_session),
-                Clear: self.engine.clear,
+                Clear: WithPeer(self.engine.clear),
                 Status: asynchronous(lambda _: self.engine.status()),
             }
         )
@@ -195,10 +200,18 @@ class Server:
                     await _start_tier(nursery, l2, spec.text)
                 if self.tiering is not None:
                     await nursery.start(self.tiering.run)
+                if self.config.allow_unauthenticated_tcp and not self.config.data_token:
+                    for url in self.config.listen:
+                        if url.startswith("tcp://"):
+                            log.warning(
+                                "%s accepts every peer that can reach it (allow_unauthenticated_tcp): "
+                                "set data_token to require a token in Hello",
+                                url,
+                            )
                 for url in self.config.listen:
                     sock = self._listen(url)
                     for _ in range(self.config.workers):
-                        nursery.start_soon(self._serve_context, sock.new_context())
+                        nursery.start_soon(self._serve_context, sock.new_context(), url)
                 nursery.start_soon(self.metrics.run_loop_lag_probe)
                 if not self.config.no_admin:
                     self.admin_url = await start_admin(
@@ -244,6 +257,8 @@ class Server:
             recv_max_size=self.config.max_message_bytes * _RECV_SLACK, send_timeout=_SEND_TIMEOUT_MS
         )
         self._sockets.append(sock)
+        # ipc:// peers are who the socket file's mode lets in; tcp:// peers say the data token.
+        self.connections.attach(sock, url, needs_token=path is None and bool(self.config.data_token))
         mode = self.config.socket_permissions()
         # The socket file is born with the final mode (umask), so it is never open to others.
         previous_umask = os.umask(0o777 & ~mode)
@@ -281,14 +296,14 @@ class Server:
         if self._cancel_scope is not None:
             self._cancel_scope.cancel()
 
-    async def _serve_context(self, ctx: pynng.Context) -> None:
+    async def _serve_context(self, ctx: pynng.Context, url: str) -> None:
         with ctx:
             while True:
                 try:
-                    request = await ctx.arecv()
+                    message = await ctx.arecv_msg()
                 except pynng.Closed:
                     return
-                reply = await self.handle(request)
+                reply = await self.handle(message.bytes, self.connections.peer_of(message.pipe, url))
                 try:
                     await ctx.asend(reply)
                 except pynng.Closed:
@@ -297,9 +312,10 @@ class Server:
                     # The client went away; its request is over either way.
                     log.debug("reply not delivered: %s", exc)
 
-    async def handle(self, buf: bytes) -> bytes:
-        """Answer one encoded request with one encoded reply, and count it in the metrics.
-        Never raises (but Cancelled; a cancelled request is not counted)."""
+    async def handle(self, buf: bytes, peer: Peer | None = None) -> bytes:
+        """Answer one encoded request from ``peer`` (None: from inside this process) with one
+        encoded reply, and count it in the metrics. Never raises (but Cancelled; a cancelled
+        request is not counted)."""
         engine = self.engine
         engine.requests_in_flight += 1
         self._idle = trio.Event() if self._idle.is_set() else self._idle
@@ -309,8 +325,10 @@ class Server:
             if self.draining:
                 raise TrioKVError(ErrorCode.SHUTTING_DOWN, "the server is shutting down")
             request = decode_request(buf, self.config.max_message_bytes)
+            if peer is not None and not peer.authenticated and not isinstance(request, (Hello, Ping)):
+                raise TrioKVError(ErrorCode.UNAUTHENTICATED, f"{peer.listener} needs a token in Hello first")
             with trio.fail_after(self.config.request_timeout_s):
-                reply = await self.dispatch(request)
+                reply = await self.dispatch(request, peer)
         except TrioKVError as exc:
             reply = error_reply(exc)
             if request is None and exc.code in _FRAME_ERRORS:
@@ -340,15 +358,33 @@ class Server:
             log.exception("a reply could not be encoded")
             return encode(error_reply(TrioKVError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")))
 
-    def _hello(self, request: Hello) -> HelloOk:
+    def _hello(self, request: Hello, peer: Peer | None) -> HelloOk:
         if request.protocol_version != PROTOCOL_VERSION:
             raise TrioKVError(
                 ErrorCode.VERSION_MISMATCH,
                 f"client speaks protocol {request.protocol_version}; this server speaks {PROTOCOL_VERSION}",
             )
+        if peer is not None:
+            self._authenticate(request.token, peer)
         return HelloOk(
             protocol_version=PROTOCOL_VERSION,
             server_version=__version__,
             chunk_size=self.config.chunk_size,
             limits=self.limits,
         )
+
+    def _authenticate(self, token: str, peer: Peer) -> None:
+        """Mark ``peer`` authenticated (data or admin token) or admin (admin token). No token
+        changes nothing; a wrong one is refused, so a misconfigured client fails at connect."""
+        if not token:
+            if not peer.authenticated:
+                raise TrioKVError(ErrorCode.UNAUTHENTICATED, f"{peer.listener} needs a token in Hello")
+            return
+        given = token.encode()
+        admin, data = self.config.admin_token.encode(), self.config.data_token.encode()
+        if admin and hmac.compare_digest(given, admin):
+            peer.authenticated = peer.admin = True
+        elif data and hmac.compare_digest(given, data):
+            peer.authenticated = True
+        else:
+            raise TrioKVError(ErrorCode.UNAUTHENTICATED, "the token in Hello is not valid here")

@@ -98,7 +98,7 @@ async def _copy_rounds(
     best_store = best_retrieve = best_memcpy = math.inf
     keys: list[RequestKey] = []
     for round_index in range(1 + args.rounds):  # round 0 is the warm-up
-        await client.clear()
+        await client.clear("")  # the bench's prompts carry no salt
         # Fresh token ids each round: every store is a miss that copies.
         keys = [
             RequestKey(MODEL, 1, 0, [rng.randrange(2**32) for _ in range(n * CHUNK_TOKENS)]) for n, _ in spans

@@ -33,20 +33,21 @@ class CpuTransfer:
         self.limiter = trio.CapacityLimiter(threads)
         self.shm_dir = shm_dir
 
-    def open(self, request: RegisterKVCache) -> MappedKVCache:
-        """Validate and open a registration (raises BAD_REGISTRATION).
+    def open(self, request: RegisterKVCache, *, owner_uid: int | None = None) -> MappedKVCache:
+        """Validate and open a registration (raises BAD_REGISTRATION; PERMISSION_DENIED for a
+        file not owned by ``owner_uid``, the registering peer's uid where it is known).
 
         ``shm_path`` is a sealed memfd of the engine's (``/proc/<pid>/fd/<fd>``) or a
         shared file under ``shm_dir``."""
         if sealed_path_owner(request.shm_path) is None:
-            fd = open_registered_file(request, self.shm_dir)
+            fd = open_registered_file(request, self.shm_dir, owner_uid)
             try:
                 layout = plan_layout(request.tensors, request.block_size, request.shm_bytes)
             except BaseException:
                 os.close(fd)
                 raise
             return FileKVCache(layout, fd, request.shm_bytes)
-        opened = open_sealed_region(request.shm_path, request.shm_bytes)
+        opened = open_sealed_region(request.shm_path, request.shm_bytes, owner_uid)
         try:
             layout = plan_layout(request.tensors, request.block_size, opened.tensor.numel())
         except BaseException:

@@ -186,11 +186,12 @@ class CudaTransfer(CpuTransfer):
                 return device
         raise TrioKVError(ErrorCode.BAD_REGISTRATION, f"no CUDA device with UUID {uuid.hex()} on this host")
 
-    def open(self, request: RegisterKVCache) -> MappedKVCache:
+    def open(self, request: RegisterKVCache, *, owner_uid: int | None = None) -> MappedKVCache:
         """Map a registration: CUDA IPC handles when it has a ``cuda`` part, else shared memory.
-        Raises BAD_REGISTRATION for anything that cannot be mapped."""
+        Raises BAD_REGISTRATION for anything that cannot be mapped. ``owner_uid`` is checked
+        against a shared-memory file's owner; CUDA IPC handles name no file to check."""
         if request.cuda is None:
-            return super().open(request)
+            return super().open(request, owner_uid=owner_uid)
         cuda: CudaRegistration = request.cuda
         check_cuda_registration(request.tensors, cuda)
         device = self._device(cuda.device_uuid)

@@ -26,6 +26,7 @@ class ConnectorConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     threads: int = 4  # server requests in flight at once, per connector
     async_load: bool = True  # load between scheduler steps rather than inside one forward pass
     model_name: str = ""  # key namespace for this model's chunks; "" means vLLM's model name
+    token: str = ""  # the server's data_token (tcp:// listeners); "" means $TRIO_KV_DATA_TOKEN
 
     def __post_init__(self) -> None:
         if not self.url:
@@ -42,12 +43,15 @@ def config_from_extra(
     """Build the settings from ``kv_connector_extra_config``.
 
     ``trio_kv.url`` defaults to ``$TRIO_KV_URL``, then ``ipc:///tmp/trio-kv.sock``
-    (the same default as ``trio-kv serve`` and ``trio-kv ping``).
+    (the same default as ``trio-kv serve`` and ``trio-kv ping``); ``trio_kv.token`` to
+    ``$TRIO_KV_DATA_TOKEN``.
     """
     environ = os.environ if environ is None else environ
     fields: dict[str, Any] = {}
     if environ.get("TRIO_KV_URL"):
         fields["url"] = environ["TRIO_KV_URL"]
+    if environ.get("TRIO_KV_DATA_TOKEN"):
+        fields["token"] = environ["TRIO_KV_DATA_TOKEN"]
     known = set(ConnectorConfig.__struct_fields__)
     for key, value in (extra_config or {}).items():
         if not key.startswith(KEY_PREFIX):

@@ -50,7 +50,8 @@ def _connect_once(config: ConnectorConfig, client_name: str) -> BlockingClient:
         sock.send_timeout = timeout_ms
         sock.dial(config.url, block=True)
         client = BlockingClient(sock, config.timeout_s, fail_fast=True)
-        client.hello = client.call(Hello(PROTOCOL_VERSION, client_name), HelloOk)
+        client._hello_request = Hello(PROTOCOL_VERSION, client_name, config.token)
+        client.hello = client.call(client._hello_request, HelloOk)
     except BaseException:
         sock.close()
         raise

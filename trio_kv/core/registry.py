@@ -1,0 +1,90 @@
+"""The registered KV caches: instance id -> mapped cache, and which connection holds each.
+
+An instance belongs to the connection (``Peer``) that registered it: another connection can
+neither replace nor unregister it while that one is open, and it is dropped when that
+connection goes away, or (sealed memfds) when the process that owns the memory exits. A
+registration made with no peer (from inside the server's process) belongs to no connection.
+Dropping one only forgets the mapping: a copy in flight keeps its own reference to it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ..errors import ErrorCode, TrioKVError
+from ..transfer import MappedKVCache
+from .owners import OwnerWatch
+from .peers import Peer
+
+log = logging.getLogger(__name__)
+
+
+class InstanceRegistry:
+    def __init__(self) -> None:
+        self.instances: dict[str, MappedKVCache] = {}
+        self._holders: dict[str, Peer] = {}
+        # Registrations of sealed memfds are dropped when the process that owns the memory exits.
+        self.owners = OwnerWatch(self._owner_exited)
+
+    def check_may_register(self, instance_id: str, peer: Peer | None) -> None:
+        """Raise PERMISSION_DENIED if ``peer`` may not (re)register ``instance_id`` now."""
+        if peer is not None and peer.closed:
+            raise TrioKVError(ErrorCode.PERMISSION_DENIED, f"{peer.describe()} is closed")
+        self._check_holder(instance_id, peer, "replace")
+
+    def add(self, instance_id: str, cache: MappedKVCache, peer: Peer | None) -> None:
+        """Register ``cache`` as ``instance_id`` for ``peer`` (after ``check_may_register``)."""
+        self._check_holder(instance_id, peer, "replace")
+        self._forget(instance_id)
+        self.instances[instance_id] = cache
+        if peer is not None:
+            self._holders[instance_id] = peer
+            peer.instances.add(instance_id)
+        if cache.owner_pidfd is not None:
+            self.owners.watch(cache, cache.owner_pidfd)
+
+    def remove(self, instance_id: str, peer: Peer | None) -> bool:
+        """Unregister ``instance_id``; False if it was not registered."""
+        self._check_holder(instance_id, peer, "unregister")
+        return self._forget(instance_id)
+
+    def drop_peer(self, peer: Peer) -> int:
+        """Unregister every instance ``peer`` holds (its connection went away); how many."""
+        dropped = 0
+        for instance_id in sorted(peer.instances):
+            if self._holders.get(instance_id) is peer:
+                self._forget(instance_id)
+                dropped += 1
+                log.info("KV cache %r unregistered: %s went away", instance_id, peer.describe())
+        peer.instances.clear()
+        return dropped
+
+    def get(self, instance_id: str) -> MappedKVCache:
+        cache = self.instances.get(instance_id)
+        if cache is None:
+            raise TrioKVError(ErrorCode.UNKNOWN_INSTANCE, f"no KV cache registered as {instance_id!r}")
+        return cache
+
+    def _check_holder(self, instance_id: str, peer: Peer | None, action: str) -> None:
+        holder = self._holders.get(instance_id)
+        if peer is None or holder is None or holder is peer or holder.closed:
+            return
+        raise TrioKVError(
+            ErrorCode.PERMISSION_DENIED,
+            f"cannot {action} {instance_id!r}: it belongs to {holder.describe()}, still open",
+        )
+
+    def _forget(self, instance_id: str) -> bool:
+        cache = self.instances.pop(instance_id, None)
+        holder = self._holders.pop(instance_id, None)
+        if holder is not None:
+            holder.instances.discard(instance_id)
+        if cache is not None:
+            self.owners.forget(cache)
+        return cache is not None
+
+    def _owner_exited(self, cache: object) -> None:
+        for instance_id, registered in list(self.instances.items()):
+            if registered is cache:
+                self._forget(instance_id)
+                log.info("KV cache %r unregistered: the process that owns its memory exited", instance_id)
