@@ -329,6 +329,15 @@ async def test_engine_process_stores_and_retrieves_through_ipc_handles(tmp_path,
     script = tmp_path / "engine.py"
     script.write_text(ENGINE)
     async with running_server(transfer="cuda", chunk_size=32, l1_size="64MiB") as server:
+        # The registration goes away with the engine's connection: note what was mapped.
+        mapped = []
+        add = server.engine.registry.add
+
+        def recording_add(instance_id, cache, peer):
+            mapped.append(cache)
+            add(instance_id, cache, peer)
+
+        server.engine.registry.add = recording_add
         done = await trio.run_process(
             [sys.executable, str(script), server.url, layout],
             capture_stdout=True,
@@ -337,5 +346,4 @@ async def test_engine_process_stores_and_retrieves_through_ipc_handles(tmp_path,
         )
         assert done.returncode == 0, done.stderr.decode()[-4000:]
         assert b"engine ok" in done.stdout
-        instance = server.engine.instances["engine"]
-        assert isinstance(instance, MappedCudaKVCache)
+        assert [type(cache) for cache in mapped] == [MappedCudaKVCache]
