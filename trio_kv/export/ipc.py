@@ -8,13 +8,18 @@
 Each tensor's allocation is found with ``cuMemGetAddressRange`` (for PyTorch's
 caching allocator, the ``cudaMalloc`` segment holding it) and exported with
 ``cuIpcGetMemHandle``; one allocation holding several tensors is exported once.
-The event is created with ``CU_EVENT_INTERPROCESS | CU_EVENT_DISABLE_TIMING``;
-``record_event`` records it on a stream and returns its handle: the server
-waits for that record before touching the blocks, and replies only once its
-copy is complete, so the engine may reuse the blocks after the reply.
+A small ring of ``EVENT_RING`` events is created with ``CU_EVENT_INTERPROCESS |
+CU_EVENT_DISABLE_TIMING``; ``record_event`` records the next one on a stream and
+returns its handle, so each request names its own event: the server waits for
+that record (not a later step's) before touching the blocks, and replies only
+once its copy is complete, so the engine may reuse the blocks after the reply.
+An event is recorded again only ``EVENT_RING`` records later; a request still
+waiting then would wait for the later record too, later but never too early.
 
 Not supported: memory from the virtual-memory APIs (``cuMemCreate``, e.g.
-PyTorch's ``expandable_segments:True``), which ``cuIpcGetMemHandle`` rejects.
+PyTorch's ``expandable_segments:True``) or from stream-ordered pools
+(``backend:cudaMallocAsync``), which ``cuIpcGetMemHandle`` rejects; the error
+names the allocator setting.
 
 Verified without a GPU: the driver calls against cuda-bindings 13.4.4 and a stub
 driver (tests/test_gpu_stub.py, with stand-ins for CUDA tensors). Not verified:
@@ -25,6 +30,7 @@ engine subprocess where a GPU is present).
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -32,21 +38,29 @@ import torch
 from cuda.bindings import driver
 
 from ..protocol import CudaAllocation, CudaRegistration, RegisterKVCache, TensorSpec
-from .cuda_driver import call, handle_bytes
+from .cuda_driver import CudaError, call, handle_bytes
 from .shm import dtype_name
+
+EVENT_RING = 8  # interprocess events recorded in turn; the server keeps up to 64 open per instance
 
 
 @contextlib.contextmanager
-def _current_context(ordinal: int) -> Iterator[Any]:
-    """The device's primary context (the one PyTorch uses), current for the block."""
-    call(driver.cuInit, 0)
-    device = call(driver.cuDeviceGet, ordinal)
-    context = call(driver.cuDevicePrimaryCtxRetain, device)
+def _current_context(context: Any) -> Iterator[None]:
+    """``context`` current on this thread for the block."""
     call(driver.cuCtxPushCurrent, context)
     try:
-        yield device
+        yield
     finally:
         call(driver.cuCtxPopCurrent)
+
+
+def _export_failed(exc: CudaError) -> ValueError:
+    allocator = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+    return ValueError(
+        f"cannot export a KV tensor by CUDA IPC ({exc}): memory from PyTorch's "
+        "expandable_segments:True or backend:cudaMallocAsync allocator cannot be exported "
+        f"(PYTORCH_CUDA_ALLOC_CONF={allocator!r}); run vLLM with the default caching allocator"
+    )
 
 
 class CudaKVCacheExport:
@@ -62,14 +76,17 @@ class CudaKVCacheExport:
         registration: CudaRegistration,
         block_size: int,
         ordinal: int,
-        event: Any,
+        events: list[tuple[Any, bytes]],
+        context: Any,
     ) -> None:
         self.tensors = list(tensors)
         self.specs = specs
         self.registration = registration
         self.block_size = block_size
         self.ordinal = ordinal
-        self._event = event
+        self._events = events  # (CUevent, its handle), recorded in turn
+        self._next = 0
+        self._context = context  # the primary context, retained once
 
     @classmethod
     def from_tensors(
@@ -82,7 +99,10 @@ class CudaKVCacheExport:
         if len(devices) != 1 or next(iter(devices)).type != "cuda":
             raise ValueError(f"tensors must all be on one CUDA device, got {sorted(map(str, devices))}")
         ordinal = next(iter(devices)).index or 0
-        with _current_context(ordinal) as device:
+        call(driver.cuInit, 0)
+        device = call(driver.cuDeviceGet, ordinal)
+        context = call(driver.cuDevicePrimaryCtxRetain, device)  # the one PyTorch uses
+        with _current_context(context):
             uuid = call(driver.cuDeviceGetUuid, device).bytes
             allocation_index: dict[int, int] = {}
             allocations: list[CudaAllocation] = []
@@ -92,7 +112,10 @@ class CudaKVCacheExport:
                 base, size = call(driver.cuMemGetAddressRange, driver.CUdeviceptr(pointer))
                 base = int(base)
                 if base not in allocation_index:
-                    handle = call(driver.cuIpcGetMemHandle, driver.CUdeviceptr(base))
+                    try:
+                        handle = call(driver.cuIpcGetMemHandle, driver.CUdeviceptr(base))
+                    except CudaError as exc:
+                        raise _export_failed(exc) from None
                     allocation_index[base] = len(allocations)
                     allocations.append(CudaAllocation(handle=handle_bytes(handle), size=int(size)))
                 tensor_allocations.append(allocation_index[base])
@@ -106,15 +129,17 @@ class CudaKVCacheExport:
                     )
                 )
             flags = driver.CUevent_flags.CU_EVENT_INTERPROCESS | driver.CUevent_flags.CU_EVENT_DISABLE_TIMING
-            event = call(driver.cuEventCreate, flags)
-            event_handle = handle_bytes(call(driver.cuIpcGetEventHandle, event))
+            events = []
+            for _ in range(EVENT_RING):
+                event = call(driver.cuEventCreate, flags)
+                events.append((event, handle_bytes(call(driver.cuIpcGetEventHandle, event))))
         registration = CudaRegistration(
             device_uuid=uuid,
             allocations=allocations,
             tensor_allocations=tensor_allocations,
-            event_handle=event_handle,
+            event_handle=events[0][1],
         )
-        return cls(tensors, specs, registration, block_size, ordinal, event)
+        return cls(tensors, specs, registration, block_size, ordinal, events, context)
 
     @property
     def event_handle(self) -> bytes:
@@ -131,18 +156,25 @@ class CudaKVCacheExport:
         )
 
     def record_event(self, stream: torch.cuda.Stream | int | None = None) -> bytes:
-        """Record the interprocess event on ``stream`` (default: PyTorch's current stream on the
-        device) and return its handle, for ``Store.ipc_event`` / ``Retrieve.ipc_event``."""
+        """Record the ring's next interprocess event on ``stream`` (default: PyTorch's current
+        stream on the device) and return its handle, for ``Store.ipc_event`` /
+        ``Retrieve.ipc_event``: the request waits for the work enqueued on ``stream`` so far."""
+        if not self._events:
+            raise RuntimeError("record_event after close")
         if stream is None:
             stream = torch.cuda.current_stream(self.ordinal)
         raw_stream = stream if isinstance(stream, int) else stream.cuda_stream
-        with _current_context(self.ordinal):
-            call(driver.cuEventRecord, self._event, driver.CUstream(raw_stream))
-        return self.event_handle
+        event, handle = self._events[self._next]
+        self._next = (self._next + 1) % len(self._events)
+        with _current_context(self._context):
+            call(driver.cuEventRecord, event, driver.CUstream(raw_stream))
+        return handle
 
     def close(self) -> None:
-        """Destroy the event (the server's opened copy stays valid until it lets go)."""
-        if self._event is not None:
-            with _current_context(self.ordinal):
-                call(driver.cuEventDestroy, self._event)
-            self._event = None
+        """Destroy this process's events. Call it once no request naming one is unanswered
+        (unregister first): what the server's opened copies mean afterwards is up to the driver."""
+        events, self._events = self._events, []
+        if events:
+            with _current_context(self._context):
+                for event, _ in events:
+                    call(driver.cuEventDestroy, event)

@@ -8,18 +8,26 @@ so one server serves both kinds of engine. For a CUDA registration it
   primary context of the device whose UUID the registration names, and derives
   the copy plan from the tensor descriptions (``plan.device_layout``);
 - creates one non-blocking stream per registered instance; before a copy the
-  stream waits (``cuStreamWaitEvent``) on the engine's interprocess event: the
-  one sent with the request, else the one sent at registration, else none (the
-  engine then must have synchronised before sending);
+  worker thread waits, bounded by ``copy_timeout_s``, for the engine's
+  interprocess event: the one sent with the request, else the one sent at
+  registration, else none (the engine then must have synchronised before
+  sending). An event that does not complete in time fails the copy with
+  TRANSFER_FAILED before anything is enqueued;
 - moves the bytes with ``events.run_copies`` in a worker thread: batched
-  copies, then a wait on a completion event that releases the GIL.
+  copies (or one per piece before CUDA 12.8), then a wait on a completion
+  event that releases the GIL.
+
+Opened interprocess events are kept per instance, at most ``MAX_OPEN_EVENTS``
+idle ones (least recently used go first); an event a copy holds, queued or
+running, is never destroyed.
 
 Cancellation: a copy already enqueued cannot be recalled, so the thread that
-enqueues and waits runs inside a shielded scope (only the wait for a free
-thread slot, before anything is enqueued, can be cancelled). ``store`` and
-``retrieve`` therefore never return or raise while a copy they enqueued may
-still touch an L1 buffer, and the engine's ``finally`` may free the buffers as
-soon as they do; a cancellation lands at the caller's next checkpoint.
+enqueues and waits runs inside a shielded scope; a cancellation while it still
+waits for the engine's event makes it give up at its next poll (within a
+millisecond), before anything is enqueued. ``store`` and ``retrieve`` therefore
+never return or raise while a copy they enqueued may still touch an L1 buffer,
+and the engine's ``finally`` may free the buffers as soon as they do; a
+cancellation lands at the caller's next checkpoint.
 
 The L1 arena must be page-locked (``pin_host``, given to ``L1Store(pin=...)``);
 a copy into a buffer outside every pinned range is refused.
@@ -31,6 +39,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -45,7 +54,7 @@ from ..export.cuda_driver import CudaError, call, handle_from_bytes
 from ..protocol import CudaRegistration, RegisterKVCache, TensorSpec
 from . import CudaUnavailable
 from .cpu import CopyJob, CpuTransfer, MappedKVCache
-from .events import Device, batch_attributes, driver_status, run_copies
+from .events import CopyAbandoned, Copier, Device, EngineEventTimeout, driver_status, run_copies
 from .layout import KVLayout
 from .plan import IPC_HANDLE_BYTES, ChunkCopy, check_cuda_registration, device_layout, plan_copies
 
@@ -53,7 +62,8 @@ __all__ = ["CudaTransfer", "CudaUnavailable", "MappedCudaKVCache", "cuda_availab
 
 log = logging.getLogger(__name__)
 
-MAX_OPEN_EVENTS = 64  # per instance: IPC events opened from request handles
+MAX_OPEN_EVENTS = 64  # per instance: idle IPC events kept open (from request handles)
+DEFAULT_COPY_TIMEOUT_S = 30.0  # how long a copy waits for the engine's event
 
 
 def cuda_available() -> bool:
@@ -96,6 +106,8 @@ class MappedCudaKVCache(MappedKVCache):
     are released when the last reference goes (copies in flight hold one).
     """
 
+    owner_pidfd = None  # IPC mappings name no owning process; the connection holds them
+
     def __init__(self, layout: KVLayout, device: Device, resources: _Resources) -> None:
         self.layout = layout
         self.device = device
@@ -106,33 +118,45 @@ class MappedCudaKVCache(MappedKVCache):
         resources.streams.append(self.stream)
         self.registered_event: Any = None
         self._events: OrderedDict[bytes, Any] = OrderedDict()
+        self._holds: dict[bytes, int] = {}  # copies (queued or running) that need the event
 
     def gather(self, jobs: Sequence[CopyJob], part: int = 0, parts: int = 1) -> None:
         raise TypeError("a CUDA KV cache is copied by CudaTransfer, not by the CPU path")
 
     scatter = gather
 
-    def open_event(self, raw: bytes) -> Any:
-        """The CUevent for an interprocess event handle, opened once and kept (bounded)."""
+    def hold_event(self, raw: bytes) -> Any:
+        """The CUevent for an interprocess event handle, opened once and kept; it stays open at
+        least until ``release_event(raw)`` (one release per hold)."""
         event = self._events.get(raw)
-        if event is not None:
-            self._events.move_to_end(raw)
-            return event
-        if len(raw) != IPC_HANDLE_BYTES:
-            raise TrioKVError(ErrorCode.INVALID_ARGUMENT, f"ipc_event must be {IPC_HANDLE_BYTES} bytes")
-        self.device.activate()
-        try:
-            event = call(driver.cuIpcOpenEventHandle, handle_from_bytes(driver.CUipcEventHandle, raw))
-        except CudaError as exc:
-            raise TrioKVError(ErrorCode.INVALID_ARGUMENT, f"cannot open ipc_event: {exc}") from None
-        self._events[raw] = event
-        self._resources.events.append(event)
-        if len(self._events) > MAX_OPEN_EVENTS:
-            # Destroying an event a stream still waits on is safe: the wait keeps its own state.
-            _, oldest = self._events.popitem(last=False)
-            self._resources.events.remove(oldest)
-            call(driver.cuEventDestroy, oldest)
+        if event is None:
+            if len(raw) != IPC_HANDLE_BYTES:
+                raise TrioKVError(ErrorCode.INVALID_ARGUMENT, f"ipc_event must be {IPC_HANDLE_BYTES} bytes")
+            self.device.activate()
+            try:
+                event = call(driver.cuIpcOpenEventHandle, handle_from_bytes(driver.CUipcEventHandle, raw))
+            except CudaError as exc:
+                raise TrioKVError(ErrorCode.INVALID_ARGUMENT, f"cannot open ipc_event: {exc}") from None
+            self._events[raw] = event
+            self._resources.events.append(event)
+        self._events.move_to_end(raw)
+        self._holds[raw] = self._holds.get(raw, 0) + 1
+        self._evict_idle_events()
         return event
+
+    def release_event(self, raw: bytes) -> None:
+        holds = self._holds.pop(raw) - 1
+        if holds:
+            self._holds[raw] = holds
+        self._evict_idle_events()
+
+    def _evict_idle_events(self) -> None:
+        """Destroy the least recently used events no copy holds, down to MAX_OPEN_EVENTS."""
+        excess = len(self._events) - MAX_OPEN_EVENTS
+        for raw in [raw for raw in self._events if raw not in self._holds][: max(0, excess)]:
+            event = self._events.pop(raw)
+            self._resources.events.remove(event)
+            call(driver.cuEventDestroy, event)
 
 
 class CudaTransfer(CpuTransfer):
@@ -144,16 +168,25 @@ class CudaTransfer(CpuTransfer):
 
     name = "cuda"
 
-    def __init__(self, threads: int = 2, shm_dir: str = "/dev/shm", *, copies_in_flight: int = 64) -> None:
+    def __init__(
+        self,
+        threads: int = 2,
+        shm_dir: str = "/dev/shm",
+        *,
+        copies_in_flight: int = 64,
+        copy_timeout_s: float = DEFAULT_COPY_TIMEOUT_S,
+    ) -> None:
         super().__init__(threads=threads, shm_dir=shm_dir)
         reason = driver_status()
         if reason is not None:
             raise CudaUnavailable(f"transfer backend 'cuda' cannot start: {reason}")
         self.devices = [Device(ordinal) for ordinal in range(call(driver.cuDeviceGetCount))]
         self.copy_slots = trio.CapacityLimiter(copies_in_flight)
+        self.copy_timeout_s = copy_timeout_s
         self._threads = trio.CapacityLimiter(math.inf)  # slots are taken (cancellably) from copy_slots
         self._pinned: list[tuple[int, int]] = []
-        self._attributes = batch_attributes()
+        self.copier = Copier()
+        log.info("cuda transfer backend: %d device(s), %s", len(self.devices), self.copier.describe())
 
     # ------------------------------------------------------------ host memory
 
@@ -219,8 +252,8 @@ class CudaTransfer(CpuTransfer):
             )
             cache = MappedCudaKVCache(layout, device, resources)
             if cuda.event_handle:
-                try:
-                    cache.registered_event = cache.open_event(cuda.event_handle)
+                try:  # held for the cache's life
+                    cache.registered_event = cache.hold_event(cuda.event_handle)
                 except TrioKVError as exc:
                     raise TrioKVError(ErrorCode.BAD_REGISTRATION, f"event_handle: {exc.message}") from None
             return cache
@@ -276,22 +309,50 @@ class CudaTransfer(CpuTransfer):
         if not len(plan):
             return
         self._check_pinned(jobs)
-        engine_event = cache.open_event(ipc_event) if ipc_event else cache.registered_event
-        async with self.copy_slots:
-            # From here a copy may be enqueued: it must be waited for, whatever is cancelled.
-            with trio.CancelScope(shield=True):
-                failure = await trio.to_thread.run_sync(
-                    _run_copies_reporting,
-                    cache.device,
-                    cache.stream,
-                    engine_event,
-                    plan,
-                    to_host,
-                    self._attributes,
-                    limiter=self._threads,
-                )
+        engine_event = cache.hold_event(ipc_event) if ipc_event else cache.registered_event
+        try:
+            async with self.copy_slots:
+                failure = await self._run_copies(cache, engine_event, plan, to_host)
+        finally:
+            if ipc_event:
+                cache.release_event(ipc_event)
         if failure is not None:
             raise TrioKVError(ErrorCode.TRANSFER_FAILED, f"CUDA copy failed: {failure}")
+
+    async def _run_copies(self, cache: MappedCudaKVCache, engine_event: Any, plan: Any, to_host: bool) -> str | None:
+        """``run_copies`` in a worker thread, waited for whatever is cancelled; a cancellation
+        while it still waits for the engine's event stops that wait (nothing is enqueued yet)."""
+        stop = threading.Event()
+        outcome: list[str | None] = []
+        finished = trio.Event()
+
+        async def run_in_thread() -> None:
+            # From here a copy may be enqueued: it must be waited for, whatever is cancelled.
+            with trio.CancelScope(shield=True):
+                outcome.append(
+                    await trio.to_thread.run_sync(
+                        _run_copies_reporting,
+                        cache.device,
+                        cache.stream,
+                        engine_event,
+                        plan,
+                        to_host,
+                        self.copier,
+                        self.copy_timeout_s,
+                        stop,
+                        limiter=self._threads,
+                    )
+                )
+            finished.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_in_thread)
+            try:
+                await finished.wait()
+            except trio.Cancelled:
+                stop.set()
+                raise
+        return outcome[0]
 
 
 def _run_copies_reporting(*args: Any) -> str | None:
@@ -300,6 +361,8 @@ def _run_copies_reporting(*args: Any) -> str | None:
     keeping this cache (its IPC mappings and stream) alive after it is unregistered."""
     try:
         run_copies(*args)
+    except (EngineEventTimeout, CopyAbandoned) as exc:
+        return str(exc)
     except Exception as exc:
         return f"{type(exc).__name__}: {exc}"
     return None

@@ -59,10 +59,11 @@ from .staging import StagingMirror
 
 
 class IpcEvents(Protocol):
-    """The engine's interprocess event (``trio_kv.export.ipc.CudaKVCacheExport`` on the CUDA path)."""
+    """The engine's interprocess events (``trio_kv.export.ipc.CudaKVCacheExport`` on the CUDA path)."""
 
     def record_event(self) -> bytes:
-        """Record the event on the current stream; its handle, for ``Store``/``Retrieve.ipc_event``."""
+        """Record the next event of a ring on the current stream; its handle, for
+        ``Store``/``Retrieve.ipc_event`` (each step's requests name their own event)."""
         ...
 
     def close(self) -> None: ...
