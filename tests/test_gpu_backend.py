@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import logging
 import os
 import struct
 import subprocess
@@ -194,3 +195,13 @@ async def test_clients_send_the_ipc_event_with_stores_and_retrieves():
                 await client.store("w", RequestKey("m", 1, 0, tokens), [0, 1, 2, 3], ipc_event=b"S" * 64)
                 await client.retrieve("w", RequestKey("m", 1, 0, tokens), [4, 5, 6, 7], ipc_event=b"R" * 64)
     assert transfer.events == [("store", b"S" * 64), ("retrieve", b"R" * 64)]
+
+
+def test_auto_says_in_the_log_why_it_uses_the_cpu_path(caplog):
+    from trio_kv.transfer import select_backend
+
+    with caplog.at_level(logging.INFO, logger="trio_kv.transfer"):
+        backend = select_backend("auto")
+    if backend.name != "cpu":
+        pytest.skip("a usable CUDA device is present")
+    assert any("using cpu" in record.getMessage() for record in caplog.records), caplog.text

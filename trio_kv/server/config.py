@@ -51,6 +51,7 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     shm_dir: str = "/dev/shm"
     socket_mode: str = "0600"
     transfer: str = "auto"
+    gpu_copy_timeout_s: float = 30.0
     l2: list[str] = msgspec.field(default_factory=list)
     l2_queue_size: int = 1024
     l2_writers: int = 2
@@ -96,6 +97,7 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             "max_id_chars": self.max_id_chars,
             "workers": self.workers,
             "copy_threads": self.copy_threads,
+            "gpu_copy_timeout_s": self.gpu_copy_timeout_s,
             "l2_queue_size": self.l2_queue_size,
             "l2_writers": self.l2_writers,
             "l2_lookup_timeout_s": self.l2_lookup_timeout_s,

@@ -124,7 +124,12 @@ class Server:
         )
         l2_specs = config.l2_specs()
         self.quotas = QuotaBook([L1_TIER, *(s.name for s in l2_specs)], config.quota_path(config_path))
-        transfer = select_backend(config.transfer, threads=config.copy_threads, shm_dir=config.shm_dir)
+        transfer = select_backend(
+            config.transfer,
+            threads=config.copy_threads,
+            shm_dir=config.shm_dir,
+            copy_timeout_s=config.gpu_copy_timeout_s,
+        )
         self.l1 = L1Store(
             config.l1_size,
             high_watermark=config.evict_high_watermark,

@@ -51,9 +51,13 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def select_backend(name: str = "auto", *, threads: int = 2, shm_dir: str = "/dev/shm") -> CpuTransfer:
+def select_backend(
+    name: str = "auto", *, threads: int = 2, shm_dir: str = "/dev/shm", copy_timeout_s: float = 30.0
+) -> CpuTransfer:
     """The transfer backend to use: "cpu", "cuda", or "auto" (cuda when cuda-python, a device
-    and a recent enough driver are present, else cpu). "cuda" without them raises CudaUnavailable."""
+    and a recent enough driver are present, else cpu, saying why in the log). "cuda" without
+    them raises CudaUnavailable. ``copy_timeout_s``: how long a CUDA copy waits for the
+    engine's event."""
     if name not in BACKENDS:
         raise ValueError(f"unknown transfer backend {name!r}; available: {', '.join(BACKENDS)}")
     if name == "cpu":
@@ -65,16 +69,20 @@ def select_backend(name: str = "auto", *, threads: int = 2, shm_dir: str = "/dev
             raise CudaUnavailable(
                 f"transfer backend 'cuda' cannot start: {exc} (install the extra: pip install 'trio-kv[cuda]')"
             ) from None
+        log.info("transfer auto: using cpu (cuda-python is not installed: %s)", exc)
         return CpuTransfer(threads=threads, shm_dir=shm_dir)
-    if name == "cuda" or driver_status() is None:
+    reason = driver_status()
+    if name == "cuda" or reason is None:
         try:
-            return CudaTransfer(threads=threads, shm_dir=shm_dir)
+            return CudaTransfer(threads=threads, shm_dir=shm_dir, copy_timeout_s=copy_timeout_s)
         except Exception as exc:
             if name == "cuda":
                 if isinstance(exc, CudaUnavailable):
                     raise
                 raise CudaUnavailable(f"transfer backend 'cuda' cannot start: {exc}") from exc
             log.warning("a CUDA device is present but the cuda backend failed (%s); using cpu", exc)
+    else:
+        log.info("transfer auto: using cpu (%s)", reason)
     return CpuTransfer(threads=threads, shm_dir=shm_dir)
 
 

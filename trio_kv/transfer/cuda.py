@@ -54,7 +54,7 @@ from ..export.cuda_driver import CudaError, call, handle_from_bytes
 from ..protocol import CudaRegistration, RegisterKVCache, TensorSpec
 from . import CudaUnavailable
 from .cpu import CopyJob, CpuTransfer, MappedKVCache
-from .events import CopyAbandoned, Copier, Device, EngineEventTimeout, driver_status, run_copies
+from .events import Copier, CopyAbandoned, Device, EngineEventTimeout, driver_status, run_copies
 from .layout import KVLayout
 from .plan import IPC_HANDLE_BYTES, ChunkCopy, check_cuda_registration, device_layout, plan_copies
 
@@ -319,7 +319,9 @@ class CudaTransfer(CpuTransfer):
         if failure is not None:
             raise TrioKVError(ErrorCode.TRANSFER_FAILED, f"CUDA copy failed: {failure}")
 
-    async def _run_copies(self, cache: MappedCudaKVCache, engine_event: Any, plan: Any, to_host: bool) -> str | None:
+    async def _run_copies(
+        self, cache: MappedCudaKVCache, engine_event: Any, plan: Any, to_host: bool
+    ) -> str | None:
         """``run_copies`` in a worker thread, waited for whatever is cancelled; a cancellation
         while it still waits for the engine's event stops that wait (nothing is enqueued yet)."""
         stop = threading.Event()

@@ -147,7 +147,7 @@ class Copier:
     def __init__(self) -> None:
         self.driver_version: int = call(driver.cuDriverGetVersion)
         self.batch = _batch_copy() if self.driver_version >= BATCH_DRIVER_VERSION else None
-        self.attributes = batch_attributes() if self.batch is not None else None
+        self.attributes: Any = batch_attributes() if self.batch is not None else None
 
     def describe(self) -> str:
         version = cuda_version(self.driver_version)
@@ -183,7 +183,9 @@ class Copier:
                 int(stream),
             )
             if result != 0:
-                where = "no single piece" if failed_at.value == SIZE_MAX else f"piece {start + failed_at.value}"
+                where = (
+                    "no single piece" if failed_at.value == SIZE_MAX else f"piece {start + failed_at.value}"
+                )
                 raise CudaError(f"cuMemcpyBatchAsync ({where})", result)
 
 
