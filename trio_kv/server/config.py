@@ -67,6 +67,7 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     admin_token: str = ""
     data_token: str = ""
     allow_unauthenticated_tcp: bool = False
+    loop_lag_probe_s: float = 0.25
 
     def validate(self) -> ServerConfig:
         """Return self if every value is usable, else raise ConfigError naming the field."""
@@ -105,6 +106,7 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             "l2_load_concurrency": self.l2_load_concurrency,
             "l2_write_timeout_s": self.l2_write_timeout_s,
             "l2_max_inflight_writes": self.l2_max_inflight_writes,
+            "loop_lag_probe_s": self.loop_lag_probe_s,
         }
         for name, value in positive.items():
             if not value > 0:

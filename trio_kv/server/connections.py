@@ -71,6 +71,14 @@ class Connections:
             return Peer(-1 if pipe is None else pipe.id, url, authenticated=False, closed=True)
         return peer
 
+    def peer_by_id(self, pipe_id: int, url: str) -> Peer:
+        """The peer of pipe ``pipe_id``; a closed one if that pipe is gone already."""
+        with self._lock:
+            peer = self._peers.get(pipe_id)
+        if peer is None:
+            return Peer(pipe_id, url, authenticated=False, closed=True)
+        return peer
+
     async def wait_closed(self, count: int) -> None:
         """Return once ``count`` connections in all have gone away (tests, tools)."""
         while self.closed_count < count:

@@ -55,6 +55,7 @@ from .dispatch import Dispatcher, WithPeer, asynchronous
 from .http import start_admin
 from .metrics import ServerMetrics
 from .ratelog import RateLimitedLog
+from .transport import RawListener, open_raw_rep
 
 log = logging.getLogger(__name__)
 
@@ -215,9 +216,8 @@ class Server:
                             )
                 for url in self.config.listen:
                     sock = self._listen(url)
-                    for _ in range(self.config.workers):
-                        nursery.start_soon(self._serve_context, sock.new_context(), url)
-                nursery.start_soon(self.metrics.run_loop_lag_probe)
+                    nursery.start_soon(self._serve_listener, sock, url)
+                nursery.start_soon(self.metrics.run_loop_lag_probe, self.config.loop_lag_probe_s)
                 if not self.config.no_admin:
                     self.admin_url = await start_admin(
                         nursery,
@@ -258,7 +258,7 @@ class Server:
             _remove_stale_socket(path)
         # A reply that cannot be handed to its pipe within the send timeout is dropped, so a
         # peer that never reads cannot hold a worker context.
-        sock = pynng.Rep0(
+        sock = open_raw_rep(
             recv_max_size=self.config.max_message_bytes * _RECV_SLACK, send_timeout=_SEND_TIMEOUT_MS
         )
         self._sockets.append(sock)
@@ -301,21 +301,13 @@ class Server:
         if self._cancel_scope is not None:
             self._cancel_scope.cancel()
 
-    async def _serve_context(self, ctx: pynng.Context, url: str) -> None:
-        with ctx:
-            while True:
-                try:
-                    message = await ctx.arecv_msg()
-                except pynng.Closed:
-                    return
-                reply = await self.handle(message.bytes, self.connections.peer_of(message.pipe, url))
-                try:
-                    await ctx.asend(reply)
-                except pynng.Closed:
-                    return
-                except pynng.NNGException as exc:
-                    # The client went away; its request is over either way.
-                    log.debug("reply not delivered: %s", exc)
+    async def _serve_listener(self, sock: pynng.Rep0, url: str) -> None:
+        peer_by_id = self.connections.peer_by_id
+
+        async def handle(buf: bytes, pipe_id: int) -> bytes:
+            return await self.handle(buf, peer_by_id(pipe_id, url))
+
+        await RawListener(sock, handle, workers=self.config.workers).serve()
 
     async def handle(self, buf: bytes, peer: Peer | None = None) -> bytes:
         """Answer one encoded request from ``peer`` (None: from inside this process) with one

@@ -1,0 +1,101 @@
+"""The listener transport (server/transport.py): raw Rep0 sockets polled from the Trio thread."""
+
+from __future__ import annotations
+
+import pynng._aio
+import trio
+import trio.testing
+
+from trio_kv.client import AsyncClient, BlockingClient
+from trio_kv.keys import RequestKey
+from trio_kv.testing import FaultInjector, assert_no_leaks, make_kv_cache, running_server
+
+CHUNK = 16
+
+
+async def test_no_nng_operation_waits_on_a_python_callback():
+    # pynng's async calls each park a Python callback that nng's threads must run (taking the
+    # GIL from the Trio thread); the server's listeners use none, idle or serving.
+    async with running_server(chunk_size=CHUNK) as server:
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(pynng._aio._aio_map) == 0
+        client = await trio.to_thread.run_sync(BlockingClient.connect, server.url)
+        with client:
+            for _ in range(20):
+                await trio.to_thread.run_sync(client.ping)
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(pynng._aio._aio_map) == 0
+
+
+async def test_many_requests_in_flight_on_one_connection_each_get_their_own_reply():
+    async with running_server(chunk_size=CHUNK) as server, await AsyncClient.connect(server.url) as client:
+        with make_kv_cache(block_size=CHUNK) as kv:
+            await client.register_kv_cache("a", kv)
+            keys = [
+                RequestKey("m", 1, 0, [1000 * n + t for t in range(CHUNK * (n % 4 + 1))]) for n in range(40)
+            ]
+            for n, key in enumerate(keys):
+                await client.store("a", key, list(range(n % 4 + 1)))
+            hits: dict[int, int] = {}
+
+            async def look(n: int) -> None:
+                hits[n] = (await client.lookup(keys[n])).hit_tokens
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(5):
+                    for n in range(len(keys)):
+                        nursery.start_soon(look, n)
+            assert hits == {n: len(key.tokens) for n, key in enumerate(keys)}
+            for key in keys:
+                await client.end_session(key.request_id)
+        assert_no_leaks(server)
+
+
+async def test_at_most_workers_requests_are_handled_at_once_and_the_rest_wait():
+    release, two_in = trio.Event(), trio.Event()
+    inside = []
+
+    async def hold(point: str) -> None:
+        if point == "lookup.before_scan":
+            inside.append(point)
+            if len(inside) == 2:
+                two_in.set()
+            await release.wait()
+
+    async with (
+        running_server(chunk_size=CHUNK, workers=2, faults=hold) as server,
+        await AsyncClient.connect(server.url) as client,
+    ):
+        answered = []
+
+        async def look(n: int) -> None:
+            await client.lookup(RequestKey("m", 1, 0, list(range(CHUNK)), request_id=f"r{n}"))
+            answered.append(n)
+
+        async with trio.open_nursery() as nursery:
+            for n in range(5):
+                nursery.start_soon(look, n)
+            await two_in.wait()
+            await trio.sleep(0.1)  # time for a third request to get in, were it let in
+            assert server.engine.requests_in_flight == 2
+            assert answered == []
+            release.set()
+        assert sorted(answered) == list(range(5))
+        assert len(inside) == 5
+
+
+async def test_a_client_gone_before_its_reply_costs_the_server_nothing():
+    faults = FaultInjector("lookup.before_scan", mode="hang")
+    async with running_server(chunk_size=CHUNK, faults=faults) as server:
+        client = await AsyncClient.connect(server.url)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.lookup, RequestKey("m", 1, 0, list(range(CHUNK))))
+            await faults.reached.wait()
+            nursery.cancel_scope.cancel()
+        client.close()
+        await server.server.connections.wait_closed(1)
+        faults.release.set()
+        await server.server.wait_idle()
+        async with await AsyncClient.connect(server.url) as again:
+            await again.ping()
+        assert_no_leaks(server)
