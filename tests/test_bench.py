@@ -8,9 +8,10 @@ import math
 
 import pytest
 import torch
+import trio
 
 from trio_kv import cli
-from trio_kv.client import AsyncClient
+from trio_kv.client import BlockingClient
 from trio_kv.export.shm import create_shared_kv_cache
 from trio_kv.testing import make_kv_cache, running_server
 from trio_kv.tools import bench_cpu
@@ -26,13 +27,19 @@ REQUIRED_FIGURES = (
     "lookup_p99_us",
     "nng_echo_p50_us",
     "lookup_ratio",
+    "lookup_p99_ratio",
+    "lookup_16_throughput_ratio",
+    "server_cpu_us_per_lookup",
+    "loop_lag_p99_ms",
+    "metadata_bytes_per_chunk",
 )
 
 
 def test_bench_cpu_json_reports_every_figure_with_ratios_of_the_figures(capsys):
     # Sync on purpose: main() calls trio.run itself.
     argv = ["bench", "cpu", "--json", "--chunks", "2", "--prompt-chunks", "1", "--layers", "2"]
-    status = cli.main([*argv, "--rounds", "1", "--lookups", "20"])
+    argv += ["--clients", "2", "--load-seconds", "0.3", "--metadata-chunks", "2000", "--lookup-chunks", "4"]
+    status = cli.main([*argv, "--rounds", "1", "--lookups", "40"])
 
     assert status == 0
     report = json.loads(capsys.readouterr().out)
@@ -42,6 +49,12 @@ def test_bench_cpu_json_reports_every_figure_with_ratios_of_the_figures(capsys):
     assert report["store_ratio"] == pytest.approx(report["store_gbps"] / report["memcpy_gbps"])
     assert report["retrieve_ratio"] == pytest.approx(report["retrieve_gbps"] / report["memcpy_gbps"])
     assert report["lookup_ratio"] == pytest.approx(report["lookup_p50_us"] / report["nng_echo_p50_us"])
+    assert report["lookup_p99_ratio"] == pytest.approx(report["lookup_p99_us"] / report["nng_echo_p99_us"])
+    assert report["lookup_16_throughput_ratio"] == pytest.approx(
+        report["lookup_16_throughput"] / report["echo_16_throughput"]
+    )
+    assert report["memcpy_threads"] == 2 and report["clients"] == 2 and report["lookup_chunks"] == 4
+    assert isinstance(report["missed"], list)
     assert report["verified"] is True
     assert report["chunk_bytes"] == 2 * 2 * 256 * 8 * 128 * 2  # K and V, 2 layers, 256 tokens, bf16
 
@@ -84,15 +97,16 @@ def test_copies_split_into_parts_move_the_same_bytes_as_one_call(layout, parts):
 @pytest.mark.parametrize("rounds", [1, 2])
 async def test_bench_cpu_runs_one_untimed_warm_up_round_before_the_timed_ones(rounds):
     # What the server stored says how many rounds ran: a cold lone round read as a 25x miss.
-    args = argparse.Namespace(chunks=2, prompt_chunks=1, rounds=rounds)
+    args = argparse.Namespace(chunks=2, prompt_chunks=1, rounds=rounds, copy_threads=2)
     shape = {"num_layers": 2, "num_kv_heads": 8, "head_size": 128, "dtype": torch.bfloat16}
     with create_shared_kv_cache(num_blocks=4 * 16, block_size=16, layout="per_layer", **shape) as kv:
         async with (
             running_server(chunk_size=bench_cpu.CHUNK_TOKENS, no_admin=True) as server,
-            await AsyncClient.connect(server.url) as client,
         ):
-            registered = await client.register_kv_cache(bench_cpu.INSTANCE, kv)
-            chunk_bytes = registered.block_bytes * 16
-            await bench_cpu._copy_rounds(client, args, chunk_bytes)
+            client = await trio.to_thread.run_sync(BlockingClient.connect, server.url)
+            with client:
+                registered = await trio.to_thread.run_sync(client.register_kv_cache, bench_cpu.INSTANCE, kv)
+                chunk_bytes = registered.block_bytes * 16
+                await trio.to_thread.run_sync(bench_cpu._copy_rounds, client, args, chunk_bytes, 2 * 16)
             stored = server.server.metrics.traffic_summary()["total"]["stored_bytes"]
     assert stored == (1 + rounds) * args.chunks * chunk_bytes

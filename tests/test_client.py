@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import pynng
 import pytest
@@ -148,3 +149,11 @@ def test_the_client_imports_without_torch_or_the_server():
     )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=60)
+
+
+def test_a_blocking_call_with_no_server_to_send_to_times_out(tmp_path):
+    # nng waits for a connection before it sends; that wait is bounded by the client's timeout.
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        BlockingClient.connect(f"ipc://{tmp_path}/nobody.sock", wait=True, timeout_s=0.3)
+    assert time.monotonic() - started < 5

@@ -27,13 +27,14 @@ ALLOWED: dict[str, set[str]] = {
     "trio_kv.msgpack_peek": set(),
     "trio_kv.keys": {"trio_kv.errors"},
     "trio_kv.protocol": {"trio_kv.errors", "trio_kv.keys", "trio_kv.msgpack_peek"},
-    "trio_kv.client": BASE,
+    "trio_kv.req_contexts": set(),
+    "trio_kv.client": BASE | {"trio_kv.req_contexts"},
     "trio_kv.export": BASE,
     "trio_kv.adapters": BASE,
     "trio_kv.transfer": BASE | {"trio_kv.export"},
     "trio_kv.core": BASE | {"trio_kv.adapters", "trio_kv.transfer", "trio_kv.export"},
     "trio_kv.server": BASE | {"trio_kv.core", "trio_kv.adapters", "trio_kv.transfer", "trio_kv.export"},
-    "trio_kv.vllm": BASE | {"trio_kv.client", "trio_kv.export"},
+    "trio_kv.vllm": BASE | {"trio_kv.client", "trio_kv.export", "trio_kv.req_contexts"},
     "trio_kv.testing": BASE
     | {"trio_kv.server", "trio_kv.core", "trio_kv.adapters", "trio_kv.transfer", "trio_kv.export"}
     | {"trio_kv.client"},

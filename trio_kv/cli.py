@@ -102,13 +102,18 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     bench_sub = p.add_subparsers(dest="bench", required=True, metavar="WHAT")
     cpu = bench_sub.add_parser(
         "cpu",
-        help="store/retrieve/lookup on the CPU path vs memcpy and a raw nng round trip",
+        help="store/retrieve/lookup on the CPU path vs memmove, a raw nng echo server and redis",
         description=(
-            "Start an in-process server, register a shared-memory KV cache of Llama-3-8B's "
-            "shape (32 layers, 8 KV heads, head size 128, bf16; 256-token chunks = 32 MiB), "
-            "store and retrieve chunks through the client, and time, in the same run, a plain "
-            "memcpy of the same bytes and a raw pynng Req/Rep echo of a lookup-sized message. "
-            "One untimed warm-up round of store, retrieve and memcpy runs before the timed rounds."
+            "Start `trio-kv serve` and a blocking pynng Rep0 echo server, each in a process of its "
+            "own; register a shared-memory KV cache of Llama-3-8B's shape (32 layers, 8 KV heads, "
+            "head size 128, bf16; 256-token chunks = 32 MiB); store and retrieve chunks, timed "
+            "against a memmove of the same bytes on --copy-threads threads; time lookups of a "
+            "--lookup-chunks prompt against echoes of a message as large (one client, then "
+            "--clients processes, with the server's CPU time per lookup); read the server's "
+            "event-loop lag p99 while it copies; count L1's Python bytes per chunk; and, if "
+            "redis-server is on PATH, time as many clients asking it EXISTS of as many keys. "
+            "One untimed warm-up round of copies, and untimed warm-up lookups, run first. "
+            "Progress goes to stderr; figures that miss their target are listed in `missed`."
         ),
     )
     cpu.add_argument("--json", action="store_true", help="print one JSON object")
@@ -122,6 +127,22 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     )
     cpu.add_argument("--layers", type=int, default=32, help="model layers (default 32)")
     cpu.add_argument("--lookups", type=int, default=2000, help="lookups timed (default 2000)")
+    cpu.add_argument(
+        "--lookup-chunks", type=int, default=16, help="chunks of the looked-up prompt (default 16)"
+    )
+    cpu.add_argument("--clients", type=int, default=16, help="client processes for throughput (default 16)")
+    cpu.add_argument(
+        "--load-seconds", type=float, default=3.0, help="seconds each throughput load runs (default 3)"
+    )
+    cpu.add_argument(
+        "--copy-threads", type=int, default=2, help="the server's copy_threads and the memmove's (default 2)"
+    )
+    cpu.add_argument(
+        "--metadata-chunks",
+        type=int,
+        default=100_000,
+        help="L1 chunks for the metadata count (default 100000)",
+    )
     cpu.add_argument(
         "--plain-file",
         action="store_true",

@@ -1,7 +1,8 @@
 """Clients: ``AsyncClient`` for Trio code and ``BlockingClient`` for engine processes that are not.
 
-Both open one Req0 socket (resend disabled) and one nng context per request,
-so many requests can be in flight at once. ``connect`` says Hello first: it
+Both open one Req0 socket (resend disabled) and use one nng context per request in flight
+(the blocking one keeps them open between calls, req_contexts.py), so many requests can be
+in flight at once. ``connect`` says Hello first: it
 checks the protocol version and learns the server's chunk size and limits,
 which the client then enforces before sending anything.
 
@@ -43,6 +44,7 @@ from .protocol import (
     encode,
     reply_type,
 )
+from .req_contexts import ReqContexts
 
 P = ParamSpec("P")
 DEFAULT_TIMEOUT_S = 30.0
@@ -317,6 +319,10 @@ class AsyncClient(_Client):
 class BlockingClient(_Client):
     """A blocking client, safe to share between threads (each call uses its own nng context)."""
 
+    def __init__(self, sock: pynng.Req0, timeout_s: float, *, fail_fast: bool = False) -> None:
+        super().__init__(sock, timeout_s, fail_fast=fail_fast)
+        self._contexts = ReqContexts(sock, timeout_s)
+
     @classmethod
     def connect(
         cls,
@@ -354,16 +360,15 @@ class BlockingClient(_Client):
         buf = self._encode(request)
         if self.fail_fast and not self._sock.pipes:
             raise ConnectionError("not connected to the trio-kv server (nng is redialling)")
-        ctx = self._sock.new_context()
         try:
-            ctx.send(buf)
-            try:
-                reply = ctx.recv()
-            except pynng.Timeout:
-                raise TimeoutError(f"no reply within {self.timeout_s} s") from None
-        finally:
-            ctx.close()
+            reply = self._contexts.call(buf)
+        except TimeoutError:
+            raise TimeoutError(f"no reply within {self.timeout_s} s") from None
         return _unwrap(reply, _expected(request, expected))
+
+    def close(self) -> None:
+        self._contexts.close()
+        super().close()
 
     def __enter__(self) -> BlockingClient:
         return self
