@@ -17,13 +17,7 @@ import msgspec
 import trio
 
 from ..errors import ErrorCode, TrioKVError
-from ..keys import (
-    ObjectKey,
-    RequestKey,
-    effective_end,
-    object_keys,
-    validate_salt,
-)
+from ..keys import ObjectKey, RequestKey, effective_end, object_keys, validate_salt
 from ..protocol import (
     Clear,
     Cleared,
@@ -47,6 +41,7 @@ from ..protocol import (
 from ..transfer import CopyJob, CpuTransfer, MappedKVCache
 from .audit import audit_l1
 from .checks import check_blocks, check_id, check_key
+from .inflight import InflightChunks
 from .l1 import Entry, L1Store, Refusal
 from .leases import LeaseTable
 from .owners import OwnerWatch
@@ -66,6 +61,7 @@ class EngineSettings(msgspec.Struct, frozen=True):
     session_ttl_s: float = 600.0
     max_sessions: int = 65536
     max_session_bytes: int = 256 * 1024**2
+    inflight_wait_s: float = 2.0  # how long a lookup waits for a chunk being stored (0: never)
     limits: Limits = Limits(
         max_message_bytes=16 * 1024 * 1024,
         max_tokens_per_key=1 << 20,
@@ -98,6 +94,7 @@ class CacheEngine:
             max_bytes=settings.max_session_bytes,
         )
         self.leases = LeaseTable(l1)
+        self.inflight = InflightChunks(settings.inflight_wait_s)
         self.registry = InstanceRegistry()
         self.started_at = time.monotonic()
         self.requests_in_flight = 0
@@ -136,7 +133,8 @@ class CacheEngine:
         return Unregistered(existed=self.registry.remove(request.instance_id, peer))
 
     def drop_peer(self, peer: Peer) -> int:
-        """Unregister what ``peer``'s connection registered: it went away."""
+        """Unregister what ``peer``'s connection registered and drop what it claimed: it went away."""
+        self.inflight.drop_peer(peer)
         return self.registry.drop_peer(peer)
 
     def _instance(self, instance_id: str) -> MappedKVCache:
@@ -180,6 +178,7 @@ class CacheEngine:
         reserved: list[tuple[int, Entry]] = []
         present = no_room = over_quota = 0
         committed = False
+        owner, refused = (key.cache_salt, key.request_id), keys[n_chunks:]
         try:
             for index, okey in enumerate(keys[first:], start=first):
                 existing = self.l1.get(okey)
@@ -194,9 +193,11 @@ class CacheEngine:
                         over_quota = n_chunks - index
                     else:
                         no_room = n_chunks - index
+                    refused = keys[index:]
                     break
                 entry.layout = cache.layout.fingerprint
                 reserved.append((index, entry))
+            self.inflight.writing([entry.key for _, entry in reserved], owner)
             await self._fault_point("store.before_copy")
             if reserved:
                 jobs = [
@@ -220,13 +221,16 @@ class CacheEngine:
             if not committed:
                 for _, entry in reserved:
                     self.l1.abort(entry)
+            # Lookups waiting for these chunks look again: stored, or a miss.
+            self.inflight.settle([*(entry.key for _, entry in reserved), *refused], owner)
         return StoreResult(
             stored=len(reserved), skipped_present=present, skipped_no_room=no_room, skipped_quota=over_quota
         )
 
-    async def lookup(self, request: Lookup) -> LookupResult:
-        """Count the leading chunks held for every rank (or the key's rank), loading what L2
-        holds past the L1 hits, and lease them to the request."""
+    async def lookup(self, request: Lookup, peer: Peer | None = None) -> LookupResult:
+        """Count the leading chunks held for every rank (or the key's rank), waiting for those
+        being stored (``inflight``), loading what L2 holds past the L1 hits, and lease them to
+        the request; with ``claim``, the chunks still missing become pending for it."""
         key = request.key
         check_key(key, self.settings.limits, self.chunk_size, needs_rank=False)
         n_chunks = effective_end(key) // self.chunk_size
@@ -236,17 +240,10 @@ class CacheEngine:
         chunk_keys = [
             [ObjectKey(key.model, key.world_size, r, h, key.cache_salt) for r in ranks] for h in hashes
         ]
-        hits: list[tuple[int, Entry]] = []
-        l1_chunks = 0
-        for index, keys in enumerate(chunk_keys):
-            entries = [self.l1.get_ready(k) for k in keys]
-            if any(e is None for e in entries):
-                break
-            for entry in entries:
-                assert entry is not None
-                self.l1.touch(entry)
-                hits.append((index, entry))
-            l1_chunks += 1
+        owner = (key.cache_salt, key.request_id)
+        ready = await self.inflight.walk(self.l1, chunk_keys, owner)
+        hits = [(index, entry) for index, entries in enumerate(ready) for entry in entries]
+        l1_chunks = len(ready)
         l2_chunks = 0
         if self.tiering is not None and l1_chunks < len(chunk_keys):
             # Pin the L1 hits first: the loads' reservations must not evict them.
@@ -268,6 +265,10 @@ class CacheEngine:
                     prefetched.release()
         else:
             self._lease(key, hits)
+        if request.claim and key.request_id:
+            self.inflight.claim(
+                [k for keys in chunk_keys[l1_chunks + l2_chunks :] for k in keys], owner, peer
+            )
         return LookupResult(
             hit_tokens=(l1_chunks + l2_chunks) * self.chunk_size, l1_chunks=l1_chunks, l2_chunks=l2_chunks
         )
@@ -355,6 +356,7 @@ class CacheEngine:
         check_id("request_id", request.request_id, self.settings.limits)
         had = self.sessions.end(request.cache_salt, request.request_id)
         released = self.leases.release_all((request.cache_salt, request.request_id))
+        self.inflight.drop_owner((request.cache_salt, request.request_id))
         return SessionEnded(leases_released=released, had_session=had)
 
     async def clear(self, request: Clear, peer: Peer | None = None) -> Cleared:
