@@ -54,7 +54,7 @@ class InflightChunks:
         self.max_entries = max_entries
         self._pending: dict[ObjectKey, Pending] = {}
         self._deadlines: dict[Owner, OwnerDeadline] = {}
-        self.hits = 0  # chunks a lookup waited for and then found stored
+        self.hits = 0  # chunks a lookup found only after waiting for chunks in flight
         self.wait_timeouts = 0  # waits that ended at the deadline, the chunk not stored
 
     def __len__(self) -> int:
@@ -136,7 +136,8 @@ class InflightChunks:
                     break
                 ready.append(entries)
             if pending is None:
-                self.hits += sum(1 for index in waited if index < len(ready))
+                if waited:  # what it found past the first chunk it had to wait for
+                    self.hits += max(0, len(ready) - min(waited))
                 for chunk in ready:
                     for entry in chunk:
                         l1.touch(entry)
@@ -148,7 +149,8 @@ class InflightChunks:
         while not pending.event.is_set():
             if self._clock() >= pending.deadline.at:
                 self.wait_timeouts += 1
-                self._drop(lambda p: p is pending)  # every waiter on it stops here
+                # Every chunk of that deadline is as late: each waiter on one stops here.
+                self._drop(lambda p: p.deadline is pending.deadline)
                 return
             with trio.move_on_at(pending.deadline.at):  # the deadline may move: look again after it
                 await pending.event.wait()
