@@ -228,9 +228,8 @@ class CacheEngine:
         )
 
     async def lookup(self, request: Lookup, peer: Peer | None = None) -> LookupResult:
-        """Count the leading chunks held for every rank (or the key's rank), waiting for those
-        being stored (``inflight``), loading what L2 holds past the L1 hits, and lease them to
-        the request; with ``claim``, the chunks still missing become pending for it."""
+        """Count the leading chunks held for every rank (or the key's rank), waiting for those in flight,
+        loading what L2 holds past the L1 hits; lease them; ``claim`` what misses (``inflight``)."""
         key = request.key
         check_key(key, self.settings.limits, self.chunk_size, needs_rank=False)
         n_chunks = effective_end(key) // self.chunk_size
@@ -245,6 +244,8 @@ class CacheEngine:
         hits = [(index, entry) for index, entries in enumerate(ready) for entry in entries]
         l1_chunks = len(ready)
         l2_chunks = 0
+        if request.claim and key.request_id:  # before the L2 loads: lookups meanwhile wait for them
+            self.inflight.claim([k for keys in chunk_keys[l1_chunks:] for k in keys], owner, peer)
         if self.tiering is not None and l1_chunks < len(chunk_keys):
             # Pin the L1 hits first: the loads' reservations must not evict them.
             for _, entry in hits:
@@ -263,12 +264,11 @@ class CacheEngine:
                     self.l1.unpin_reader(entry)
                 if prefetched is not None:
                     prefetched.release()
+                self.inflight.settle(
+                    [k for keys in chunk_keys[l1_chunks : l1_chunks + l2_chunks] for k in keys], owner
+                )
         else:
             self._lease(key, hits)
-        if request.claim and key.request_id:
-            self.inflight.claim(
-                [k for keys in chunk_keys[l1_chunks + l2_chunks :] for k in keys], owner, peer
-            )
         return LookupResult(
             hit_tokens=(l1_chunks + l2_chunks) * self.chunk_size, l1_chunks=l1_chunks, l2_chunks=l2_chunks
         )
@@ -356,7 +356,6 @@ class CacheEngine:
         check_id("request_id", request.request_id, self.settings.limits)
         had = self.sessions.end(request.cache_salt, request.request_id)
         released = self.leases.release_all((request.cache_salt, request.request_id))
-        self.inflight.drop_owner((request.cache_salt, request.request_id))
         return SessionEnded(leases_released=released, had_session=had)
 
     async def clear(self, request: Clear, peer: Peer | None = None) -> Cleared:

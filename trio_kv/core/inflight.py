@@ -4,8 +4,7 @@ A lookup that reaches such a chunk waits for it (bounded) instead of missing, so
 requests that share a prefix and arrive together load it from the one that computes
 it. A chunk is *pending* from the moment a lookup with ``claim`` missed it (the
 requester will compute and store it) or a Store reserved it, until that chunk's store
-commits or fails, the claimer's session ends, its connection goes away, or the
-deadline passes (``wait_s`` after the claim, pushed back each time the claimer stores
+commits or fails, the claimer's connection goes away, or the deadline passes (``wait_s`` after the claim, pushed back each time the claimer stores
 a chunk). Plain objects on the Trio thread; a waiting lookup holds nothing.
 """
 
@@ -106,11 +105,6 @@ class InflightChunks:
                 held.event.set()
         if owner in self._deadlines:
             self._progress(owner)
-
-    def drop_owner(self, owner: Owner) -> None:
-        """``owner``'s session ended: it stores nothing more it claimed (stores being copied stay)."""
-        if owner in self._deadlines:
-            self._drop(lambda p: p.owner == owner and not p.writing)
 
     def drop_peer(self, peer: Peer) -> None:
         """``peer``'s connection went away: what it claimed will not be stored by it."""
