@@ -42,9 +42,11 @@ class InlineTransfer(CpuTransfer):
         copy(jobs, 0, 1)
 
 
-def make_engine(kv, faults=None, wait_s: float = WAIT_S, l1_bytes: int = 8 * 1024 * 1024) -> CacheEngine:
+def make_engine(
+    kv, faults=None, wait_s: float = WAIT_S, l1_bytes: int = 8 * 1024 * 1024, max_waiters: int = 32
+) -> CacheEngine:
     engine = CacheEngine(
-        EngineSettings(chunk_size=CHUNK, inflight_wait_s=wait_s),
+        EngineSettings(chunk_size=CHUNK, inflight_wait_s=wait_s, inflight_max_waiters=max_waiters),
         L1Store(l1_bytes),
         InlineTransfer(),
         faults=faults,
@@ -195,3 +197,16 @@ async def test_the_claiming_connection_going_away_ends_a_waiting_lookup_as_a_mis
             assert answer == [0]
         assert len(server.engine.inflight) == 0
         assert_no_leaks(server)
+
+
+async def test_lookups_past_the_waiter_limit_miss_at_once_so_stores_still_get_a_worker(kv):
+    engine = make_engine(kv, max_waiters=1)
+    await engine.lookup(lookup("a", claim=True))
+    answer = Answer()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(answer.run, engine, lookup("b"))
+        await trio.testing.wait_all_tasks_blocked()
+        with trio.fail_after(1):  # real time, far below WAIT_S
+            assert (await engine.lookup(lookup("c"))).hit_tokens == 0
+        await engine.store(store("a"))
+    assert answer.result is not None and answer.result.hit_tokens == 3 * CHUNK

@@ -41,7 +41,7 @@ from ..protocol import (
 from ..transfer import CopyJob, CpuTransfer, MappedKVCache
 from .audit import audit_l1
 from .checks import check_blocks, check_id, check_key
-from .inflight import InflightChunks
+from .inflight import InflightChunks, flat
 from .l1 import Entry, L1Store, Refusal
 from .leases import LeaseTable
 from .owners import OwnerWatch
@@ -62,6 +62,7 @@ class EngineSettings(msgspec.Struct, frozen=True):
     max_sessions: int = 65536
     max_session_bytes: int = 256 * 1024**2
     inflight_wait_s: float = 2.0  # how long a lookup waits for a chunk being stored (0: never)
+    inflight_max_waiters: int = 32  # lookups waiting at once; more miss (each holds a server worker)
     limits: Limits = Limits(
         max_message_bytes=16 * 1024 * 1024,
         max_tokens_per_key=1 << 20,
@@ -94,7 +95,7 @@ class CacheEngine:
             max_bytes=settings.max_session_bytes,
         )
         self.leases = LeaseTable(l1)
-        self.inflight = InflightChunks(settings.inflight_wait_s)
+        self.inflight = InflightChunks(settings.inflight_wait_s, max_waiters=settings.inflight_max_waiters)
         self.registry = InstanceRegistry()
         self.started_at = time.monotonic()
         self.requests_in_flight = 0
@@ -245,7 +246,7 @@ class CacheEngine:
         l1_chunks = len(ready)
         l2_chunks = 0
         if request.claim and key.request_id:  # before the L2 loads: lookups meanwhile wait for them
-            self.inflight.claim([k for keys in chunk_keys[l1_chunks:] for k in keys], owner, peer)
+            self.inflight.claim(flat(chunk_keys[l1_chunks:]), owner, peer)
         if self.tiering is not None and l1_chunks < len(chunk_keys):
             # Pin the L1 hits first: the loads' reservations must not evict them.
             for _, entry in hits:
@@ -264,9 +265,7 @@ class CacheEngine:
                     self.l1.unpin_reader(entry)
                 if prefetched is not None:
                     prefetched.release()
-                self.inflight.settle(
-                    [k for keys in chunk_keys[l1_chunks : l1_chunks + l2_chunks] for k in keys], owner
-                )
+                self.inflight.settle(flat(chunk_keys[l1_chunks : l1_chunks + l2_chunks]), owner)
         else:
             self._lease(key, hits)
         return LookupResult(

@@ -18,6 +18,12 @@ from ..keys import ObjectKey
 from .l1 import Entry, L1Store
 from .peers import Peer
 
+
+def flat(chunks: Iterable[Sequence[ObjectKey]]) -> list[ObjectKey]:
+    """The keys of ``chunks`` (each chunk's keys: one per rank), in order."""
+    return [key for keys in chunks for key in keys]
+
+
 Owner = tuple[str, str]  # (cache_salt, request_id) of the request that will store the chunk
 
 
@@ -46,9 +52,18 @@ class InflightChunks:
     """The pending chunks, oldest first. ``wait_s`` <= 0 turns the whole thing off."""
 
     def __init__(
-        self, wait_s: float, *, clock: Callable[[], float] = trio.current_time, max_entries: int = 1 << 18
+        self,
+        wait_s: float,
+        *,
+        max_waiters: int = 32,
+        clock: Callable[[], float] = trio.current_time,
+        max_entries: int = 1 << 18,
     ) -> None:
         self.wait_s = wait_s
+        # Each waiting lookup holds one of the server's request workers: never all of them, or
+        # the stores they wait for could not get in.
+        self.max_waiters = max_waiters
+        self.waiting = 0
         self._clock = clock
         self.max_entries = max_entries
         self._pending: dict[ObjectKey, Pending] = {}
@@ -140,6 +155,13 @@ class InflightChunks:
             await self._wait(pending)
 
     async def _wait(self, pending: Pending) -> None:
+        self.waiting += 1
+        try:
+            await self._wait_for(pending)
+        finally:
+            self.waiting -= 1
+
+    async def _wait_for(self, pending: Pending) -> None:
         while not pending.event.is_set():
             if self._clock() >= pending.deadline.at:
                 self.wait_timeouts += 1
@@ -154,7 +176,7 @@ class InflightChunks:
             held = self._pending.get(key)
             # A request does not wait for its own claim (a lookup again after a preemption).
             if held is not None and (held.owner != owner or held.writing):
-                return held
+                return held if self.waiting < self.max_waiters else None
         return None
 
     # ------------------------------------------------------------ bookkeeping

@@ -121,6 +121,7 @@ class Server:
             max_sessions=config.max_sessions,
             max_session_bytes=config.max_session_bytes,
             inflight_wait_s=config.inflight_wait_s,
+            inflight_max_waiters=max(1, config.workers // 2),
             limits=self.limits,
         )
         l2_specs = config.l2_specs()
