@@ -15,7 +15,7 @@ from trio_kv.core.engine import CacheEngine, EngineSettings
 from trio_kv.core.l1 import L1Store
 from trio_kv.errors import ErrorCode, ServerError
 from trio_kv.keys import RequestKey
-from trio_kv.protocol import Lookup, Retrieve, Store, encode
+from trio_kv.protocol import Lookup, ReleaseLookup, Retrieve, Store, encode
 from trio_kv.testing import FaultInjector, InjectedFault, assert_no_leaks, make_kv_cache, running_server
 from trio_kv.transfer import CpuTransfer
 
@@ -207,3 +207,36 @@ async def test_a_vanished_client_leaks_nothing(kv):
                 await server.server.wait_idle()
             assert_no_leaks(server)
             assert len(server.engine.l1) == 3  # the store finished all its chunks
+
+
+async def test_a_lookup_cancelled_while_waiting_for_a_chunk_in_flight_leaves_no_trace(kv):
+    # Chunk 0 is held; chunks 1 and 2 are claimed by request "a", which has not stored them.
+    setup = Setup(kv)
+    await setup.engine.store(Store("w", RequestKey("m", 1, 0, TOKENS[:CHUNK], request_id="s"), [0, 1]))
+    await setup.engine.lookup(Lookup(RequestKey("m", 1, None, TOKENS, request_id="a"), claim=True))
+    setup.engine.release(ReleaseLookup("a"))
+    waiting = trio.CancelScope()
+
+    async def lookup() -> None:
+        with waiting:
+            await setup.engine.lookup(lookup_request("b"))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lookup)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not waiting.cancel_called and len(setup.engine.inflight) == 2
+        waiting.cancel()
+    setup.assert_clean()
+    assert all(not entry.pinned for entry in setup.l1._entries.values())
+    assert len(setup.engine.inflight) == 2  # the claim stays for the lookups still to come
+
+
+async def test_a_lookup_waiting_past_the_request_timeout_gets_a_timeout_error_and_leaks_nothing():
+    async with running_server(chunk_size=CHUNK, request_timeout_s=0.2, inflight_wait_s=60) as server:
+        async with await AsyncClient.connect(server.url) as client:
+            await client.lookup(RequestKey("m", 1, None, TOKENS, request_id="a"), claim=True)
+            with pytest.raises(ServerError) as err:
+                await client.lookup(RequestKey("m", 1, None, TOKENS, request_id="b"))
+            assert err.value.code == ErrorCode.TIMEOUT
+        assert_no_leaks(server)
+        assert len(server.engine.leases) == 0

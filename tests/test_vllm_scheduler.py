@@ -55,6 +55,20 @@ def test_the_lookup_names_only_whole_chunks_of_the_prompt():
     assert key.rank is None and key.request_id == "r"
 
 
+def test_a_lookup_claims_what_it_misses_when_the_connector_stores():
+    # Lookups of other requests then wait for this request's stores instead of missing.
+    client = FakeClient()
+    looked_up(scheduler_logic(client), FakeRequest("r", tokens(100)))
+    assert client.claims == [True]
+
+
+def test_a_consumer_only_claims_nothing():
+    # It never stores: another request waiting for its chunks would wait in vain.
+    client = FakeClient()
+    looked_up(scheduler_logic(client, save=False), FakeRequest("r", tokens(100)))
+    assert client.claims == [False]
+
+
 def test_the_hit_counts_from_vllms_own_blocks():
     client = FakeClient()
     client.lookup_hits = 3 * CHUNK

@@ -412,3 +412,29 @@ async def test_start_up_names_the_url_when_no_server_answers(tmp_path):
 
     with pytest.raises(ConnectionError, match=r"none\.sock"):
         await trio.to_thread.run_sync(start)
+
+
+# ---------------------------------------------------------------- bursts
+
+
+async def test_a_burst_sharing_a_prefix_computes_it_once_and_the_others_load_it(server):
+    shared = prompt(96)
+    prompts = {f"r{i}": [*shared, *prompt(10 + i, seed=10 + i)] for i in range(4)}
+
+    def scenario(salted: bool):
+        with simulated_engine(server.url, prefix_caching=False) as engine:
+            requests = [
+                engine.add_request(rid, tokens, cache_salt=rid if salted else None)
+                for rid, tokens in prompts.items()
+            ]
+            engine.run()  # all four arrive before any step: their lookups all go out at once
+            assert_sound(engine)
+            return requests
+
+    # Each request under a salt of its own shares nothing: the reference outputs.
+    reference = {r.request_id: r.output_token_ids for r in await trio.to_thread.run_sync(scenario, True)}
+    burst = await trio.to_thread.run_sync(scenario, False)
+    assert sorted(r.external_tokens for r in burst) == [0, 96, 96, 96]
+    assert {r.request_id: r.output_token_ids for r in burst} == reference
+    assert server.engine.status().inflight_hits >= 3 * 3  # three requests found three chunks each
+    assert_no_leaks(server)

@@ -37,6 +37,7 @@ class FakeClient:
     def __init__(self, chunk_size: int = CHUNK) -> None:
         self.chunk_size = chunk_size
         self.calls: list[tuple[Any, ...]] = []
+        self.claims: list[bool] = []  # each lookup's ``claim``, in order
         self.lookup_hits = 0
         self.lookup_gate: threading.Event | None = None
         self.lookup_error: Exception | None = None
@@ -49,8 +50,9 @@ class FakeClient:
     def of(self, kind: str) -> list[tuple[Any, ...]]:
         return [call for call in self.calls if call[0] == kind]
 
-    def lookup(self, key: Any) -> LookupResult:
+    def lookup(self, key: Any, *, claim: bool = False) -> LookupResult:
         self.calls.append(("lookup", key))
+        self.claims.append(claim)
         if self.lookup_gate is not None:
             self.lookup_gate.wait()
         if self.lookup_error is not None:

@@ -161,9 +161,10 @@ def _store(instance_id: str, key: RequestKey, block_ids: list[int], *, ipc_event
     return Store(instance_id, packed_key(key), block_ids, ipc_event=ipc_event)
 
 
-def _lookup(key: RequestKey) -> Lookup:
-    """How many leading tokens of ``key`` are cached; hits are leased to its request id."""
-    return Lookup(packed_key(key))
+def _lookup(key: RequestKey, *, claim: bool = False) -> Lookup:
+    """How many leading tokens of ``key`` are cached; hits are leased to its request id.
+    ``claim``: the caller will store the chunks that miss (other lookups wait for them)."""
+    return Lookup(packed_key(key), claim=claim)
 
 
 def _retrieve(

@@ -162,6 +162,9 @@ class StatusResult(_Message, tag="status_ok"):
     session_bytes: int = 0  # what the hash sessions hold (bounded by max_session_bytes)
     memory_bytes: dict[str, int] = {}  # estimated by part: l1_arena, l1_metadata, l2_metadata, sessions
     layout_mismatches: int = 0  # retrieves that stopped at a chunk another KV layout stored
+    inflight_hits: int = 0  # chunks a lookup waited for while they were being stored, then hit
+    inflight_wait_timeouts: int = 0  # such waits that ended at the deadline (a miss there)
+    inflight_chunks: int = 0  # chunks pending now (claimed by a lookup, or being stored)
 
 
 class Error(_Message, tag="error"):
@@ -270,9 +273,12 @@ class Store(RequestFor[StoreResult], tag="store"):
 
 
 class Lookup(RequestFor[LookupResult], tag="lookup"):
-    """How many leading tokens of ``key`` are held? Hits are leased to the request id."""
+    """How many leading tokens of ``key`` are held? Hits are leased to the request id. A chunk
+    another request is storing (or has claimed) is waited for, briefly. ``claim``: the requester
+    will compute and store the chunks that miss, so lookups of other requests wait for them."""
 
     key: RequestKey
+    claim: bool = False
 
 
 class Retrieve(RequestFor[RetrieveResult], tag="retrieve"):

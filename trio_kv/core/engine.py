@@ -17,13 +17,7 @@ import msgspec
 import trio
 
 from ..errors import ErrorCode, TrioKVError
-from ..keys import (
-    ObjectKey,
-    RequestKey,
-    effective_end,
-    object_keys,
-    validate_salt,
-)
+from ..keys import ObjectKey, RequestKey, effective_end, object_keys, validate_salt
 from ..protocol import (
     Clear,
     Cleared,
@@ -47,6 +41,7 @@ from ..protocol import (
 from ..transfer import CopyJob, CpuTransfer, MappedKVCache
 from .audit import audit_l1
 from .checks import check_blocks, check_id, check_key
+from .inflight import InflightChunks, flat
 from .l1 import Entry, L1Store, Refusal
 from .leases import LeaseTable
 from .owners import OwnerWatch
@@ -66,6 +61,8 @@ class EngineSettings(msgspec.Struct, frozen=True):
     session_ttl_s: float = 600.0
     max_sessions: int = 65536
     max_session_bytes: int = 256 * 1024**2
+    inflight_wait_s: float = 2.0  # how long a lookup waits for a chunk being stored (0: never)
+    inflight_max_waiters: int = 32  # lookups waiting at once; more miss (each holds a server worker)
     limits: Limits = Limits(
         max_message_bytes=16 * 1024 * 1024,
         max_tokens_per_key=1 << 20,
@@ -98,6 +95,7 @@ class CacheEngine:
             max_bytes=settings.max_session_bytes,
         )
         self.leases = LeaseTable(l1)
+        self.inflight = InflightChunks(settings.inflight_wait_s, max_waiters=settings.inflight_max_waiters)
         self.registry = InstanceRegistry()
         self.started_at = time.monotonic()
         self.requests_in_flight = 0
@@ -136,7 +134,8 @@ class CacheEngine:
         return Unregistered(existed=self.registry.remove(request.instance_id, peer))
 
     def drop_peer(self, peer: Peer) -> int:
-        """Unregister what ``peer``'s connection registered: it went away."""
+        """Unregister what ``peer``'s connection registered and drop what it claimed: it went away."""
+        self.inflight.drop_peer(peer)
         return self.registry.drop_peer(peer)
 
     def _instance(self, instance_id: str) -> MappedKVCache:
@@ -180,6 +179,7 @@ class CacheEngine:
         reserved: list[tuple[int, Entry]] = []
         present = no_room = over_quota = 0
         committed = False
+        owner, refused = (key.cache_salt, key.request_id), keys[n_chunks:]
         try:
             for index, okey in enumerate(keys[first:], start=first):
                 existing = self.l1.get(okey)
@@ -194,9 +194,11 @@ class CacheEngine:
                         over_quota = n_chunks - index
                     else:
                         no_room = n_chunks - index
+                    refused = keys[index:]
                     break
                 entry.layout = cache.layout.fingerprint
                 reserved.append((index, entry))
+            self.inflight.writing([entry.key for _, entry in reserved], owner)
             await self._fault_point("store.before_copy")
             if reserved:
                 jobs = [
@@ -220,13 +222,15 @@ class CacheEngine:
             if not committed:
                 for _, entry in reserved:
                     self.l1.abort(entry)
+            # Lookups waiting for these chunks look again: stored, or a miss.
+            self.inflight.settle([*(entry.key for _, entry in reserved), *refused], owner)
         return StoreResult(
             stored=len(reserved), skipped_present=present, skipped_no_room=no_room, skipped_quota=over_quota
         )
 
-    async def lookup(self, request: Lookup) -> LookupResult:
-        """Count the leading chunks held for every rank (or the key's rank), loading what L2
-        holds past the L1 hits, and lease them to the request."""
+    async def lookup(self, request: Lookup, peer: Peer | None = None) -> LookupResult:
+        """Count the leading chunks held for every rank (or the key's rank), waiting for those in flight,
+        loading what L2 holds past the L1 hits; lease them; ``claim`` what misses (``inflight``)."""
         key = request.key
         check_key(key, self.settings.limits, self.chunk_size, needs_rank=False)
         n_chunks = effective_end(key) // self.chunk_size
@@ -236,18 +240,13 @@ class CacheEngine:
         chunk_keys = [
             [ObjectKey(key.model, key.world_size, r, h, key.cache_salt) for r in ranks] for h in hashes
         ]
-        hits: list[tuple[int, Entry]] = []
-        l1_chunks = 0
-        for index, keys in enumerate(chunk_keys):
-            entries = [self.l1.get_ready(k) for k in keys]
-            if any(e is None for e in entries):
-                break
-            for entry in entries:
-                assert entry is not None
-                self.l1.touch(entry)
-                hits.append((index, entry))
-            l1_chunks += 1
+        owner = (key.cache_salt, key.request_id)
+        ready = await self.inflight.walk(self.l1, chunk_keys, owner)
+        hits = [(index, entry) for index, entries in enumerate(ready) for entry in entries]
+        l1_chunks = len(ready)
         l2_chunks = 0
+        if request.claim and key.request_id:  # before the L2 loads: lookups meanwhile wait for them
+            self.inflight.claim(flat(chunk_keys[l1_chunks:]), owner, peer)
         if self.tiering is not None and l1_chunks < len(chunk_keys):
             # Pin the L1 hits first: the loads' reservations must not evict them.
             for _, entry in hits:
@@ -266,6 +265,7 @@ class CacheEngine:
                     self.l1.unpin_reader(entry)
                 if prefetched is not None:
                     prefetched.release()
+                self.inflight.settle(flat(chunk_keys[l1_chunks : l1_chunks + l2_chunks]), owner)
         else:
             self._lease(key, hits)
         return LookupResult(

@@ -45,6 +45,9 @@ def engine_status(engine: CacheEngine) -> StatusResult:
         session_bytes=engine.sessions.nbytes,
         memory_bytes=memory_estimate(engine),
         layout_mismatches=engine.layout_mismatches,
+        inflight_hits=engine.inflight.hits,
+        inflight_wait_timeouts=engine.inflight.wait_timeouts,
+        inflight_chunks=len(engine.inflight),
     )
 
 

@@ -38,6 +38,7 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     session_ttl_s: float = 600.0
     max_sessions: int = 65536
     max_session_bytes: int = 256 * 1024**2
+    inflight_wait_s: float = 2.0
     max_message_bytes: int = 16 * 1024**2
     max_tokens_per_key: int = 1 << 20
     max_block_ids: int = 1 << 20
@@ -111,6 +112,8 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         for name, value in positive.items():
             if not value > 0:
                 raise ConfigError(f"{name}: must be > 0, got {value}")
+        if not self.inflight_wait_s >= 0:
+            raise ConfigError(f"inflight_wait_s: must be >= 0, got {self.inflight_wait_s}")
         if not 0 < self.evict_low_watermark <= self.evict_high_watermark <= 1:
             raise ConfigError("evict_low_watermark <= evict_high_watermark must both be in (0, 1]")
         if self.log_level.lower() not in LOG_LEVELS:

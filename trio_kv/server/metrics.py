@@ -43,24 +43,8 @@ from ..protocol import (
 
 # Requests take ~0.1 ms (lookups) to tens of ms (large copies); the prometheus defaults start at 5 ms.
 REQUEST_BUCKETS = (
-    1e-4,
-    2.5e-4,
-    5e-4,
-    1e-3,
-    2.5e-3,
-    5e-3,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-)
+    1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
 LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 LOOP_LAG_INTERVAL_S = 0.25
 UNKNOWN_KIND = "unknown"  # requests that never decoded (or arrived while draining)
@@ -254,13 +238,22 @@ class _StateCollector:
         for reason, count in status.l1_refusals.items():
             refusals.add_metric([reason], count)
         yield refusals
-        mismatches = CounterMetricFamily(
+        yield _counter(
             "trio_kv_layout_mismatches",
             "Retrieves that stopped at a chunk stored by another KV layout (served as a miss).",
+            status.layout_mismatches,
         )
-        mismatches.add_metric([], status.layout_mismatches)
-        yield mismatches
-
+        yield _counter(
+            "trio_kv_inflight_hits",
+            "Chunks a lookup waited for while they were being stored (or claimed), then found.",
+            status.inflight_hits,
+        )
+        yield _counter(
+            "trio_kv_inflight_wait_timeouts",
+            "Waits for a chunk in flight that reached inflight_wait_s (a miss from there).",
+            status.inflight_wait_timeouts,
+        )
+        yield _gauge("trio_kv_inflight_chunks", "Chunks being stored or claimed now.", status.inflight_chunks)
         yield _gauge("trio_kv_l1_entries", "Chunks in L1.", status.l1_entries)
         yield _gauge("trio_kv_leases", "Lookup leases held.", status.leases)
         yield _gauge("trio_kv_sessions", "Hash sessions cached.", status.sessions)
@@ -398,3 +391,7 @@ class _StateCollector:
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, documentation, value=value)
+
+
+def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, documentation, value=value)

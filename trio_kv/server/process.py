@@ -121,6 +121,8 @@ class Server:
             session_ttl_s=config.session_ttl_s,
             max_sessions=config.max_sessions,
             max_session_bytes=config.max_session_bytes,
+            inflight_wait_s=config.inflight_wait_s,
+            inflight_max_waiters=max(1, config.workers // 2),
             limits=self.limits,
         )
         l2_specs = config.l2_specs()
@@ -180,7 +182,7 @@ class Server:
                 RegisterKVCache: WithPeer(asynchronous(self.engine.register)),
                 UnregisterKVCache: WithPeer(asynchronous(self.engine.unregister)),
                 Store: self.engine.store,
-                Lookup: self.engine.lookup,
+                Lookup: WithPeer(self.engine.lookup),
                 Retrieve: self.engine.retrieve,
                 ReleaseLookup: asynchronous(self.engine.release),
                 EndSession: asynchronous(self.engine.end_session),

@@ -10,7 +10,9 @@ locally (``bench_vllm_model``), then runs two engines, each in its own process
    stores) then request B (which loads the shared prefix); then the negative
    control (B again with every loaded block overwritten with noise); then the
    server is killed (B again: vLLM recomputes, same outputs) and restarted
-   (a new prefix's A then B: the connector registers again and hits).
+   (a new prefix's A then B: the connector registers again and hits); then a burst: ``--burst``
+   prompts sharing one more prefix, submitted together (one computes it, the others should load
+   it: ``burst_hit_fraction``).
 
 Prints one JSON line; exits 1 when outputs differ or nothing was cached.
 """
@@ -58,6 +60,11 @@ class VllmBenchResult(msgspec.Struct):
     chunk_size: int
     block_size: int
     seconds: float
+    burst_hit_fraction: float = (
+        0.0  # burst requests that loaded the shared prefix / those that could (all but one)
+    )
+    burst_requests: int = 0
+    burst_cached_tokens: list[int] = []  # per burst request, in prompt order
 
 
 def add_parser(bench_subparsers: argparse._SubParsersAction) -> None:
@@ -79,6 +86,9 @@ def add_parser(bench_subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--layers", type=int, default=6, help="layers of the tiny model (default 6)")
     p.add_argument("--block-size", type=int, default=32, help="vLLM block size; CPU needs a multiple of 32")
     p.add_argument("--chunk-size", type=int, default=256, help="trio-kv chunk size in tokens (default 256)")
+    p.add_argument(
+        "--burst", type=int, default=4, help="requests in the simultaneous burst (default 4; 0: none)"
+    )
     p.add_argument("--no-fault", action="store_true", help="skip the server kill and restart phase")
     p.add_argument("--model-dir", help="where to build the model (default: a temporary directory)")
     p.add_argument("--seed", type=int, default=0)
@@ -87,6 +97,9 @@ def add_parser(bench_subparsers: argparse._SubParsersAction) -> None:
 
 def main(args: argparse.Namespace) -> int:
     if bad_counts("vllm", args, ["prefixes", "prefix_tokens", "tail_tokens", "max_tokens", "layers"]):
+        return 2
+    if args.burst < 0:
+        print("trio-kv bench vllm: --burst must be >= 0", file=sys.stderr)
         return 2
     if args.prefix_tokens < args.chunk_size:
         print("trio-kv bench vllm: --prefix-tokens must be at least one --chunk-size", file=sys.stderr)
@@ -117,6 +130,7 @@ class _Plan(msgspec.Struct):
     prompts: list[list[int]]
     main: list[tuple[int, int]]  # (A, B) prompt indices per prefix
     restart: tuple[int, int]
+    burst: list[int] = []  # prompt indices sharing one prefix, submitted together
 
 
 def _prompts(args: argparse.Namespace) -> _Plan:
@@ -131,7 +145,12 @@ def _prompts(args: argparse.Namespace) -> _Plan:
         prefix = tokens(args.prefix_tokens)
         prompts += [prefix + tokens(args.tail_tokens), prefix + tokens(args.tail_tokens)]
         groups.append((len(prompts) - 2, len(prompts) - 1))
-    return _Plan(prompts, groups[:-1], groups[-1])
+    prefix = tokens(args.prefix_tokens)
+    burst = []
+    for _ in range(args.burst):
+        prompts.append(prefix + tokens(args.tail_tokens))
+        burst.append(len(prompts) - 1)
+    return _Plan(prompts, groups[:-1], groups[-1], burst)
 
 
 def _run_engine(spec: RunSpec, label: str) -> RunResult:
@@ -183,6 +202,8 @@ def run_bench(args: argparse.Namespace, work: str) -> VllmBenchResult:
         steps += [Step("generate", b) for _, b in plan.main]
         steps.append(Step("restart_server"))
         steps += [Step("generate", i) for i in plan.restart]
+    if plan.burst:
+        steps.append(Step("burst", burst=plan.burst))
     with_kv = _run_engine(
         RunSpec(
             steps=steps,
@@ -204,13 +225,16 @@ def _compare(
     seconds: float,
 ) -> VllmBenchResult:
     main_count = 2 * len(plan.main)
-    generated = with_kv.generated
+    generated = with_kv.generated[: len(with_kv.generated) - len(plan.burst)]
+    burst = with_kv.generated[len(generated) :]
     main, negative = generated[:main_count], generated[main_count : main_count + len(plan.main)]
     kill = (
         generated[main_count + len(plan.main) : main_count + 2 * len(plan.main)] if not args.no_fault else []
     )
     restart = generated[main_count + 2 * len(plan.main) :] if not args.no_fault else []
-    mismatched = [g.step for g in generated if not g.corrupt_loads and g.tokens != reference[g.prompt].tokens]
+    mismatched = [
+        g.step for g in with_kv.generated if not g.corrupt_loads and g.tokens != reference[g.prompt].tokens
+    ]
     b_prompts = {b for _, b in plan.main}
     chunk_tokens = args.prefix_tokens // args.chunk_size * args.chunk_size
     ttft_with = statistics.median(g.ttft_s for g in main if g.prompt in b_prompts)
@@ -229,7 +253,7 @@ def _compare(
         hits_after_restart=restart_cached == chunk_tokens,
         ttft_with_ms=round(ttft_with * 1000, 2),
         ttft_without_ms=round(ttft_without * 1000, 2),
-        requests=len(generated),
+        requests=len(with_kv.generated),
         negative_control_requests=len(negative),
         negative_control_differing=differing,
         corrupted_blocks=with_kv.corrupted_blocks,
@@ -243,4 +267,10 @@ def _compare(
         chunk_size=args.chunk_size,
         block_size=args.block_size,
         seconds=round(seconds, 1),
+        # All but the first of a burst could load the prefix; the first computes it.
+        burst_hit_fraction=round(
+            sum(g.cached_tokens >= chunk_tokens for g in burst) / max(1, len(burst) - 1), 4
+        ),
+        burst_requests=len(burst),
+        burst_cached_tokens=[g.cached_tokens for g in burst],
     )

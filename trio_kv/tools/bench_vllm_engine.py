@@ -25,9 +25,10 @@ MODULE = "trio_kv.tools.bench_vllm_engine"
 
 
 class Step(msgspec.Struct, frozen=True):
-    kind: str  # "generate", "kill_server" or "restart_server"
+    kind: str  # "generate", "burst", "kill_server" or "restart_server"
     prompt: int = -1  # index into RunSpec.prompts
     corrupt_loads: bool = False
+    burst: list[int] = []  # "burst": these prompts, submitted together in one generate call
 
 
 class RunSpec(msgspec.Struct, frozen=True):
@@ -177,7 +178,7 @@ def run(spec: RunSpec) -> RunResult:
                 progress("restarted the trio-kv server")
                 continue
             _corrupt_loads = step.corrupt_loads
-            result.generated.append(_generate(llm, spec, index, step, sampling, TokensPrompt))
+            result.generated += _generate(llm, spec, index, step, sampling, TokensPrompt)
         _corrupt_loads = False
         result.corrupted_blocks = _corrupted_blocks
         result.connector_stats, result.kv_cache_mode = _connector_facts()
@@ -189,20 +190,26 @@ def run(spec: RunSpec) -> RunResult:
     return result
 
 
-def _generate(llm: Any, spec: RunSpec, index: int, step: Step, sampling: Any, prompt_type: Any) -> Generated:
+def _generate(
+    llm: Any, spec: RunSpec, index: int, step: Step, sampling: Any, prompt_type: Any
+) -> list[Generated]:
+    """One prompt, or a burst of them in one ``generate`` call (vLLM sees them all at once)."""
     begun = time.monotonic()
-    prompt = spec.prompts[step.prompt]
-    output = llm.generate([prompt_type(prompt_token_ids=prompt)], sampling, use_tqdm=False)[0]
+    indices = step.burst if step.kind == "burst" else [step.prompt]
+    prompts = [prompt_type(prompt_token_ids=spec.prompts[i]) for i in indices]
+    outputs = llm.generate(prompts, sampling, use_tqdm=False)
     seconds = time.monotonic() - begun
-    ttft = getattr(output.metrics, "first_token_latency", 0.0) or seconds
-    cached = output.num_cached_tokens or 0
-    progress(
-        f"step {index}: prompt {step.prompt} ({len(prompt)} tokens), {cached} from trio-kv, "
-        f"ttft {ttft * 1000:.0f} ms" + (" [loads corrupted]" if step.corrupt_loads else "")
-    )
-    return Generated(
-        index, step.prompt, list(output.outputs[0].token_ids), ttft, cached, step.corrupt_loads, seconds
-    )
+    generated = []
+    for prompt, output in zip(indices, outputs):
+        ttft = getattr(output.metrics, "first_token_latency", 0.0) or seconds
+        cached = output.num_cached_tokens or 0
+        progress(
+            f"step {index}: prompt {prompt} ({len(spec.prompts[prompt])} tokens), {cached} from trio-kv, "
+            f"ttft {ttft * 1000:.0f} ms" + (" [loads corrupted]" if step.corrupt_loads else "")
+        )
+        tokens = list(output.outputs[0].token_ids)
+        generated.append(Generated(index, prompt, tokens, ttft, cached, step.corrupt_loads, seconds))
+    return generated
 
 
 def _connector_facts() -> tuple[dict[str, int], str]:

@@ -8,7 +8,10 @@ and vLLM asks again on its next step).
 Per request: one lookup (again after a preemption) leases the hit chunks; the
 allocation releases the leases of chunks vLLM already holds and plans one
 retrieve of the rest; each step plans a store of the whole chunks its forward
-pass completes; the end of the request ends its server session. Every server
+pass completes; the end of the request ends its server session. A lookup
+claims the chunks it misses (the request will store them), so the lookups of
+requests sharing the prefix that arrive meanwhile wait on the server for those
+stores and load the prefix instead of computing it too. Every server
 call carries the request's ``cache_salt`` (as a trio-kv salt, ``tenant_salt``),
 and every key a model field that also names the request's LoRA adapter and
 multimodal inputs (``key_model``).
@@ -257,10 +260,11 @@ class SchedulerLogic:
             cache_salt=tracker.salt,
         )
         lookup = PendingLookup(self._clock())
+        claim = self.save  # this request stores what it computes: other lookups may wait for it
 
         def run(client: BlockingClient) -> int:
             try:
-                return client.lookup(key).hit_tokens
+                return client.lookup(key, claim=claim).hit_tokens
             finally:
                 with lookup.lock:
                     lookup.returned = True
