@@ -99,3 +99,25 @@ async def test_a_client_gone_before_its_reply_costs_the_server_nothing():
         async with await AsyncClient.connect(server.url) as again:
             await again.ping()
         assert_no_leaks(server)
+
+
+async def test_copies_run_in_threads_nicer_than_the_event_loop():
+    # On as many cores as copy threads, a copy thread at the loop's priority keeps the loop
+    # from a core for a time slice (loop lag p99 8 ms while copying on 2 cores, 4.5 after).
+    import os
+    import threading
+
+    from trio_kv.transfer.cpu import COPY_NICE, CpuTransfer
+
+    seen = []
+
+    def copy(jobs, part, parts):
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+
+    class Cache:
+        def copy_bytes(self, jobs):
+            return 0
+
+    await CpuTransfer()._run(copy, Cache(), [])  # type: ignore[arg-type]
+    loop_priority = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert seen == [loop_priority + COPY_NICE] or seen == [19]
