@@ -130,9 +130,15 @@ static CUresult batch_12080(CUdeviceptr *d, CUdeviceptr *s, size_t *n, size_t c,
                             size_t *fail, void *st) { return batch(d, s, n, c, a, ai, na, fail, st); }
 static CUresult batch_13000(CUdeviceptr *d, CUdeviceptr *s, size_t *n, size_t c, Attrs *a, size_t *ai, size_t na,
                             void *st) { return batch(d, s, n, c, a, ai, na, 0, st); }
+/* STUB_BATCH_ENTRY=none: no cuMemcpyBatchAsync entry point; =fail: its lookup is an error. */
+long stub_batch_lookups;
 CUresult cuGetProcAddress_v2(const char *s, void **f, int v, unsigned long long fl, int *st) {
-    if (!strcmp(s, "cuMemcpyBatchAsync"))
-        *f = version() < 12080 ? 0 : v >= 13000 ? (void *)batch_13000 : (void *)batch_12080;
+    const char *entry = getenv("STUB_BATCH_ENTRY");
+    if (!strcmp(s, "cuMemcpyBatchAsync")) {
+        __sync_fetch_and_add(&stub_batch_lookups, 1);
+        if (entry && !strcmp(entry, "fail")) return 500;
+        *f = version() < 12080 || (entry && !strcmp(entry, "none")) ? 0
+           : v >= 13000 ? (void *)batch_13000 : (void *)batch_12080; }
     else *f = dlsym(RTLD_DEFAULT, s);
     if (st) *st = *f ? 0 : 1; return 0; }
 CUresult cuGetProcAddress(const char *s, void **f, int v, unsigned long long fl, int *st) {

@@ -437,6 +437,30 @@ SHUTDOWN_CLOSES_EVERY_MAPPING = PRELUDE + textwrap.dedent(
     """
 )
 
+# The batch entry point is looked up when the backend starts, never again by a copy.
+BATCH_ENTRY_RESOLVED_AT_START = PRELUDE + textwrap.dedent(
+    """
+    import logging, sys
+    from trio_kv.transfer.events import driver_status
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout)
+
+    async def main():
+        assert driver_status() is None, driver_status()
+        before = counter("stub_batch_lookups").value
+        transfer, arena, tensors, export, cache = setup()
+        at_start = counter("stub_batch_lookups").value
+        assert at_start == before + 1, "the backend did not look up cuMemcpyBatchAsync when it started"
+        print("copier:", transfer.copier.describe())
+        await transfer.store(cache, jobs_for(cache, arena), ipc_event=export.record_event(stream=0))
+        await transfer.retrieve(cache, jobs_for(cache, arena), ipc_event=export.record_event(stream=0))
+        assert counter("stub_batch_lookups").value == at_start, "a copy looked the entry point up again"
+        assert torch.equal(arena[: 2 * cache.layout.chunk_bytes(2)], expected_store(tensors))
+        print("resolved at start ok")
+
+    trio.run(main)
+    """
+)
+
 # Below CUDA 12.8 (no cuMemcpyBatchAsync) every piece is copied with cuMemcpyAsync.
 PER_PIECE_BELOW_12_8 = PRELUDE + textwrap.dedent(
     """
@@ -552,6 +576,47 @@ def test_a_registration_whose_connection_went_away_while_opening_is_closed(stub_
 
 def test_stopping_the_server_closes_every_mapping(stub_env):
     check(SHUTDOWN_CLOSES_EVERY_MAPPING, stub_env, "shutdown ok", timeout=60)
+
+
+def test_the_batch_entry_point_is_resolved_when_the_backend_starts(stub_env):
+    done = run([sys.executable, "-c", BATCH_ENTRY_RESOLVED_AT_START], stub_env, 60)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert "copier: batched copies (cuMemcpyBatchAsync)" in done.stdout
+    assert "resolved at start ok" in done.stdout
+
+
+def test_a_driver_without_the_batch_entry_point_is_named_at_start_and_copies_per_piece(stub_env):
+    env = {**stub_env, "STUB_BATCH_ENTRY": "none"}
+    done = run([sys.executable, "-c", BATCH_ENTRY_RESOLVED_AT_START], env, 60)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    said = done.stdout.split("resolved at start ok")[0]
+    # Said before the first copy: the backend's start line and the copier's description.
+    assert "the driver gave no cuMemcpyBatchAsync entry point" in said.split("copier:")[0], said
+    assert "copier: one cuMemcpyAsync per piece" in said
+
+
+def test_a_failing_batch_entry_point_lookup_stops_the_cuda_backend_at_start(stub_env):
+    script = textwrap.dedent(
+        """
+        import logging, sys
+        logging.basicConfig(level=logging.INFO, stream=sys.stdout)
+        from trio_kv.transfer import CpuTransfer, CudaUnavailable, select_backend
+        try:
+            select_backend("cuda")
+        except CudaUnavailable as exc:
+            print("cuda refused:", exc)
+        else:
+            raise AssertionError("the cuda backend started with a failing cuGetProcAddress")
+        backend = select_backend("auto")
+        assert type(backend) is CpuTransfer, backend
+        print("auto fell back ok")
+        """
+    )
+    done = run([sys.executable, "-c", script], {**stub_env, "STUB_BATCH_ENTRY": "fail"}, 60)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert "cuda refused:" in done.stdout and "cuGetProcAddress" in done.stdout, done.stdout
+    assert "auto fell back ok" in done.stdout
+    assert "cuda backend failed" in done.stdout, "auto did not say why it used cpu"
 
 
 def test_below_cuda_12_8_pieces_are_copied_one_by_one(stub_env):
