@@ -14,7 +14,10 @@
    cuStreamSynchronize). An event is complete once the work enqueued before its latest
    record is done; a stream held by stub_hold() does nothing until released, so an event
    recorded on it never completes (a hung engine). Destroyed events and streams and closed
-   IPC mappings stay known, so using one again returns CUDA_ERROR_INVALID_HANDLE (400). */
+   IPC mappings stay known, so using one again returns CUDA_ERROR_INVALID_HANDLE (400).
+   While stub_gate_ipc_open (or _close) is set, cuIpcOpenMemHandle (cuIpcCloseMemHandle) waits
+   until it is cleared (stub_gate), at most 3 s (then stub_gate_timeouts counts it), as a slow
+   mapping would; stub_ipc_blocked says how many wait now, stub_wait_blocked waits for one. */
 
 typedef int CUresult;
 typedef unsigned long long CUdeviceptr;
@@ -32,7 +35,8 @@ typedef struct Stream { int magic; int held; Op *head, *tail; } Stream;
 long stub_batch_calls, stub_memcpy_calls, stub_waits, stub_syncs, stub_queries, stub_registered, stub_unregistered;
 long stub_ipc_open, stub_ipc_close, stub_live_streams, stub_live_events, stub_sync_sleep_us = 1000;
 long stub_copies_done;
-int stub_fail_batch, stub_fail_ipc_get;
+int stub_fail_batch, stub_fail_ipc_get, stub_gate_ipc_open, stub_gate_ipc_close;
+long stub_ipc_blocked, stub_gate_timeouts;
 static __thread void *current;
 static CUdeviceptr bases[4096]; static size_t sizes[4096]; static int nalloc;
 static CUdeviceptr mapped[4096]; static int nmapped;  /* open IPC mappings */
@@ -41,6 +45,26 @@ static Stream *streams[4096]; static int nstreams;
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t progress_made = PTHREAD_COND_INITIALIZER, work_queued = PTHREAD_COND_INITIALIZER;
 static pthread_once_t worker_once = PTHREAD_ONCE_INIT;
+static pthread_cond_t gate_changed = PTHREAD_COND_INITIALIZER;
+
+static struct timespec after_ms(long ms) {
+    struct timespec t; clock_gettime(CLOCK_REALTIME, &t);
+    t.tv_sec += ms / 1000; t.tv_nsec += ms % 1000 * 1000000;
+    if (t.tv_nsec >= 1000000000) { t.tv_sec++; t.tv_nsec -= 1000000000; }
+    return t; }
+static void pass_gate(int *gate) {  /* lock held */
+    if (!*gate) return;
+    struct timespec t = after_ms(3000);
+    stub_ipc_blocked++; pthread_cond_broadcast(&gate_changed);
+    while (*gate) if (pthread_cond_timedwait(&gate_changed, &lock, &t)) { stub_gate_timeouts++; break; }
+    stub_ipc_blocked--; pthread_cond_broadcast(&gate_changed); }
+void stub_gate(int open_calls, int close_calls) {
+    pthread_mutex_lock(&lock); stub_gate_ipc_open = open_calls; stub_gate_ipc_close = close_calls;
+    pthread_cond_broadcast(&gate_changed); pthread_mutex_unlock(&lock); }
+int stub_wait_blocked(long n, long timeout_ms) {  /* 1 once n calls wait at a gate, 0 after the timeout */
+    struct timespec t = after_ms(timeout_ms); pthread_mutex_lock(&lock);
+    while (stub_ipc_blocked < n) if (pthread_cond_timedwait(&gate_changed, &lock, &t)) break;
+    int ok = stub_ipc_blocked >= n; pthread_mutex_unlock(&lock); return ok; }
 
 static Stream *S(void *s) { return s ? (Stream *)s : &null_stream; }
 static Event *origin(Event *e) { return e->origin ? e->origin : e; }
@@ -106,9 +130,15 @@ static CUresult batch_12080(CUdeviceptr *d, CUdeviceptr *s, size_t *n, size_t c,
                             size_t *fail, void *st) { return batch(d, s, n, c, a, ai, na, fail, st); }
 static CUresult batch_13000(CUdeviceptr *d, CUdeviceptr *s, size_t *n, size_t c, Attrs *a, size_t *ai, size_t na,
                             void *st) { return batch(d, s, n, c, a, ai, na, 0, st); }
+/* STUB_BATCH_ENTRY=none: no cuMemcpyBatchAsync entry point; =fail: its lookup is an error. */
+long stub_batch_lookups;
 CUresult cuGetProcAddress_v2(const char *s, void **f, int v, unsigned long long fl, int *st) {
-    if (!strcmp(s, "cuMemcpyBatchAsync"))
-        *f = version() < 12080 ? 0 : v >= 13000 ? (void *)batch_13000 : (void *)batch_12080;
+    const char *entry = getenv("STUB_BATCH_ENTRY");
+    if (!strcmp(s, "cuMemcpyBatchAsync")) {
+        __sync_fetch_and_add(&stub_batch_lookups, 1);
+        if (entry && !strcmp(entry, "fail")) return 500;
+        *f = version() < 12080 || (entry && !strcmp(entry, "none")) ? 0
+           : v >= 13000 ? (void *)batch_13000 : (void *)batch_12080; }
     else *f = dlsym(RTLD_DEFAULT, s);
     if (st) *st = *f ? 0 : 1; return 0; }
 CUresult cuGetProcAddress(const char *s, void **f, int v, unsigned long long fl, int *st) {
@@ -182,9 +212,10 @@ CUresult cuMemGetAddressRange(CUdeviceptr *b, size_t *n, CUdeviceptr p) {
 CUresult cuIpcGetMemHandle(Handle *h, CUdeviceptr p) { if (stub_fail_ipc_get) return 1; memset(h, 0, 64); memcpy(h->reserved, "MEMH", 4); memcpy(h->reserved + 8, &p, 8); return 0; }
 CUresult cuIpcOpenMemHandle(CUdeviceptr *p, Handle h, unsigned int f) {
     NEED_CTX; if (memcmp(h.reserved, "MEMH", 4) || f != 1) return 400; memcpy(p, h.reserved + 8, 8);
-    pthread_mutex_lock(&lock); mapped[nmapped++] = *p; stub_ipc_open++; pthread_mutex_unlock(&lock); return 0; }
+    pthread_mutex_lock(&lock); pass_gate(&stub_gate_ipc_open);
+    mapped[nmapped++] = *p; stub_ipc_open++; pthread_mutex_unlock(&lock); return 0; }
 CUresult cuIpcCloseMemHandle(CUdeviceptr p) {
-    CUresult r = 400; pthread_mutex_lock(&lock);
+    CUresult r = 400; pthread_mutex_lock(&lock); pass_gate(&stub_gate_ipc_close);
     for (int i = 0; i < nmapped; i++) if (mapped[i] == p) { mapped[i] = mapped[--nmapped]; stub_ipc_close++; r = 0; break; }
     pthread_mutex_unlock(&lock); return r; }
 CUresult cuMemHostRegister(void *p, size_t n, unsigned int f) { NEED_CTX; if (f != 3) return 1; stub_registered++; return 0; }

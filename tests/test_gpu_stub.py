@@ -32,7 +32,7 @@ PRELUDE = textwrap.dedent(
     import torch, trio, trio.testing
     from cuda.bindings import driver
     from trio_kv.errors import ErrorCode, TrioKVError
-    from trio_kv.transfer import cuda as cuda_module
+    from trio_kv.transfer import cuda_cache
     from trio_kv.transfer.cpu import CopyJob
     from trio_kv.transfer.cuda import CudaTransfer, MappedCudaKVCache
     from trio_kv.export.cuda_driver import call, handle_bytes
@@ -41,6 +41,11 @@ PRELUDE = textwrap.dedent(
 
     stub = ctypes.CDLL("libcuda.so.1")
     stub.stub_hold.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    stub.stub_wait_blocked.argtypes = [ctypes.c_long, ctypes.c_long]
+    def gate(opens=False, closes=False):  # make cuIpcOpenMemHandle / cuIpcCloseMemHandle wait
+        stub.stub_gate(int(opens), int(closes))
+    async def ipc_call_waiting():  # True once a gated call waits (a worker thread of ours waits for it)
+        return bool(await trio.to_thread.run_sync(stub.stub_wait_blocked, 1, 10_000))
     def counter(name, kind=ctypes.c_long):
         return kind.in_dll(stub, name)
     def hang_engine(hung=True):  # the engine records on the legacy stream (0): hold it
@@ -141,6 +146,7 @@ CHECKS = PRELUDE + textwrap.dedent(
 
         del cache
         gc.collect()
+        assert await transfer.wait_released(), "the releaser thread did not finish"
         assert counter("stub_ipc_close").value == 2 and counter("stub_live_streams").value == 0
         del jobs, arena
         gc.collect()
@@ -226,7 +232,7 @@ HUNG_ENGINE_CANCELLED = PRELUDE + textwrap.dedent(
 QUEUED_EVENTS_ARE_KEPT = PRELUDE + textwrap.dedent(
     """
     async def main():
-        cuda_module.MAX_OPEN_EVENTS = 1
+        cuda_cache.MAX_OPEN_EVENTS = 1
         transfer, arena, tensors, export, cache = setup(copies_in_flight=1)
         transfer.copy_timeout_s = 600
         events = [interprocess_event() for _ in range(3)]
@@ -275,8 +281,181 @@ DROPPED_REGISTRATION_IS_UNMAPPED = PRELUDE + textwrap.dedent(
                 await server.server.connections.wait_closed(closed_before + 1)
             assert server.engine.instances == {}
             gc.collect()
+            assert await server.engine.transfer.wait_released()
             assert counter("stub_ipc_close").value == closed + 2, "the dead engine's memory is still mapped"
         print("dropped ok")
+
+    trio.run(main)
+    """
+)
+
+# The event loop answers a Ping while a registration's cuIpcOpenMemHandle is still under way.
+LOOP_RUNS_WHILE_A_REGISTRATION_OPENS = PRELUDE + textwrap.dedent(
+    """
+    from trio_kv.client import AsyncClient
+    from trio_kv.testing import running_server
+
+    async def main():
+        async with running_server(transfer="cuda", chunk_size=8, l1_size="8MiB") as server:
+            export = CudaKVCacheExport.from_tensors(device_tensors(), block_dim=1, block_size=4)
+            opened = counter("stub_ipc_open").value
+            async with await AsyncClient.connect(server.url) as engine, await AsyncClient.connect(server.url) as other:
+                gate(opens=True)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(engine.register, export.register_request("engine"))
+                    assert await ipc_call_waiting()
+                    with trio.fail_after(2):
+                        await other.ping()
+                    assert counter("stub_ipc_blocked").value == 1, "the Ping waited for the IPC open"
+                    gate()
+                assert counter("stub_gate_timeouts").value == 0
+                assert counter("stub_ipc_open").value == opened + 2
+                assert isinstance(server.engine.instances["engine"], MappedCudaKVCache)
+        print("loop runs while opening ok")
+
+    trio.run(main)
+    """
+)
+
+# ... and while a dropped registration's cuIpcCloseMemHandle is under way.
+LOOP_RUNS_WHILE_A_DROPPED_REGISTRATION_CLOSES = PRELUDE + textwrap.dedent(
+    """
+    from trio_kv.client import AsyncClient
+    from trio_kv.testing import running_server
+
+    async def main():
+        async with running_server(transfer="cuda", chunk_size=8, l1_size="8MiB") as server:
+            export = CudaKVCacheExport.from_tensors(device_tensors(), block_dim=1, block_size=4)
+            closed = counter("stub_ipc_close").value
+            async with await AsyncClient.connect(server.url) as other:
+                engine = await AsyncClient.connect(server.url)
+                await engine.register(export.register_request("engine"))
+                gate(closes=True)
+                closed_before = server.server.connections.closed_count
+                engine.close()
+                assert await ipc_call_waiting()
+                with trio.fail_after(2):
+                    await server.server.connections.wait_closed(closed_before + 1)
+                    await other.ping()
+                assert counter("stub_ipc_blocked").value == 1, "the Ping waited for the IPC close"
+                gate()
+                assert await server.engine.transfer.wait_released()
+            assert counter("stub_gate_timeouts").value == 0
+            assert counter("stub_ipc_close").value == closed + 2
+        print("loop runs while closing ok")
+
+    trio.run(main)
+    """
+)
+
+# A registration cancelled while its mappings open stops there and closes what it opened.
+CANCELLED_OPEN_CLOSES_WHAT_IT_OPENED = PRELUDE + textwrap.dedent(
+    """
+    async def main():
+        transfer = CudaTransfer()
+        export = CudaKVCacheExport.from_tensors(device_tensors(), block_dim=1, block_size=4)
+        request = decode_request(encode(export.register_request("w")), 1 << 20)
+        opened, closed = counter("stub_ipc_open").value, counter("stub_ipc_close").value
+        async def open_then_cancelled(task_status):
+            with trio.CancelScope() as scope:
+                task_status.started(scope)
+                await transfer.aopen(request)
+            assert scope.cancelled_caught
+
+        gate(opens=True)
+        async with trio.open_nursery() as nursery:
+            scope = await nursery.start(open_then_cancelled)
+            assert await ipc_call_waiting()
+            scope.cancel()
+            await trio.testing.wait_all_tasks_blocked()  # aopen saw the cancellation
+            gate()
+        assert await transfer.wait_released()
+        assert counter("stub_gate_timeouts").value == 0
+        assert counter("stub_ipc_open").value == opened + 1, "kept opening after it was cancelled"
+        assert counter("stub_ipc_close").value == closed + 1, "a cancelled registration left a mapping open"
+        assert counter("stub_live_streams").value == 0
+        print("cancelled open ok")
+
+    trio.run(main)
+    """
+)
+
+# A registration whose connection goes away while it opens is closed, not kept for no one.
+REGISTRATION_OF_A_GONE_CONNECTION_IS_CLOSED = PRELUDE + textwrap.dedent(
+    """
+    from trio_kv.client import AsyncClient
+    from trio_kv.testing import running_server
+
+    async def main():
+        async with running_server(transfer="cuda", chunk_size=8, l1_size="8MiB") as server:
+            export = CudaKVCacheExport.from_tensors(device_tensors(), block_dim=1, block_size=4)
+            opened, closed = counter("stub_ipc_open").value, counter("stub_ipc_close").value
+            engine = await AsyncClient.connect(server.url, timeout_s=1)
+            gate(opens=True)
+            async with trio.open_nursery() as nursery:
+                async def register():
+                    with trio.move_on_after(30):
+                        try:
+                            await engine.register(export.register_request("engine"))
+                        except Exception:
+                            pass  # no reply comes: the connection is gone
+                nursery.start_soon(register)
+                assert await ipc_call_waiting()
+                closed_before = server.server.connections.closed_count
+                engine.close()
+                await server.server.connections.wait_closed(closed_before + 1)
+                gate()
+                await server.server.wait_idle()
+            assert server.engine.instances == {}, "a registration is held for a connection that is gone"
+            gc.collect()
+            assert await server.engine.transfer.wait_released()
+            assert counter("stub_ipc_open").value == opened + 2
+            assert counter("stub_ipc_close").value == closed + 2
+        print("gone connection ok")
+
+    trio.run(main)
+    """
+)
+
+# Stopping the server closes the mappings of engines still connected.
+SHUTDOWN_CLOSES_EVERY_MAPPING = PRELUDE + textwrap.dedent(
+    """
+    from trio_kv.client import AsyncClient
+    from trio_kv.testing import running_server
+
+    async def main():
+        closed = counter("stub_ipc_close").value
+        async with running_server(transfer="cuda", chunk_size=8, l1_size="8MiB") as server:
+            export = CudaKVCacheExport.from_tensors(device_tensors(), block_dim=1, block_size=4)
+            engine = await AsyncClient.connect(server.url)
+            await engine.register(export.register_request("engine"))
+        assert counter("stub_ipc_close").value == closed + 2, "the server stopped with mappings open"
+        engine.close()
+        print("shutdown ok")
+
+    trio.run(main)
+    """
+)
+
+# The batch entry point is looked up when the backend starts, never again by a copy.
+BATCH_ENTRY_RESOLVED_AT_START = PRELUDE + textwrap.dedent(
+    """
+    import logging, sys
+    from trio_kv.transfer.events import driver_status
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout)
+
+    async def main():
+        assert driver_status() is None, driver_status()
+        before = counter("stub_batch_lookups").value
+        transfer, arena, tensors, export, cache = setup()
+        at_start = counter("stub_batch_lookups").value
+        assert at_start == before + 1, "the backend did not look up cuMemcpyBatchAsync when it started"
+        print("copier:", transfer.copier.describe())
+        await transfer.store(cache, jobs_for(cache, arena), ipc_event=export.record_event(stream=0))
+        await transfer.retrieve(cache, jobs_for(cache, arena), ipc_event=export.record_event(stream=0))
+        assert counter("stub_batch_lookups").value == at_start, "a copy looked the entry point up again"
+        assert torch.equal(arena[: 2 * cache.layout.chunk_bytes(2)], expected_store(tensors))
+        print("resolved at start ok")
 
     trio.run(main)
     """
@@ -377,6 +556,67 @@ def test_an_event_a_queued_copy_needs_is_not_evicted(stub_env):
 
 def test_dropping_a_cuda_registration_closes_its_ipc_mappings(stub_env):
     check(DROPPED_REGISTRATION_IS_UNMAPPED, stub_env, "dropped ok")
+
+
+def test_the_event_loop_runs_while_a_registration_opens_its_mappings(stub_env):
+    check(LOOP_RUNS_WHILE_A_REGISTRATION_OPENS, stub_env, "loop runs while opening ok", timeout=60)
+
+
+def test_the_event_loop_runs_while_a_dropped_registration_closes_its_mappings(stub_env):
+    check(LOOP_RUNS_WHILE_A_DROPPED_REGISTRATION_CLOSES, stub_env, "loop runs while closing ok", timeout=60)
+
+
+def test_a_registration_cancelled_while_opening_closes_what_it_opened(stub_env):
+    check(CANCELLED_OPEN_CLOSES_WHAT_IT_OPENED, stub_env, "cancelled open ok", timeout=60)
+
+
+def test_a_registration_whose_connection_went_away_while_opening_is_closed(stub_env):
+    check(REGISTRATION_OF_A_GONE_CONNECTION_IS_CLOSED, stub_env, "gone connection ok", timeout=60)
+
+
+def test_stopping_the_server_closes_every_mapping(stub_env):
+    check(SHUTDOWN_CLOSES_EVERY_MAPPING, stub_env, "shutdown ok", timeout=60)
+
+
+def test_the_batch_entry_point_is_resolved_when_the_backend_starts(stub_env):
+    done = run([sys.executable, "-c", BATCH_ENTRY_RESOLVED_AT_START], stub_env, 60)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert "copier: batched copies (cuMemcpyBatchAsync)" in done.stdout
+    assert "resolved at start ok" in done.stdout
+
+
+def test_a_driver_without_the_batch_entry_point_is_named_at_start_and_copies_per_piece(stub_env):
+    env = {**stub_env, "STUB_BATCH_ENTRY": "none"}
+    done = run([sys.executable, "-c", BATCH_ENTRY_RESOLVED_AT_START], env, 60)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    said = done.stdout.split("resolved at start ok")[0]
+    # Said before the first copy: the backend's start line and the copier's description.
+    assert "the driver gave no cuMemcpyBatchAsync entry point" in said.split("copier:")[0], said
+    assert "copier: one cuMemcpyAsync per piece" in said
+
+
+def test_a_failing_batch_entry_point_lookup_stops_the_cuda_backend_at_start(stub_env):
+    script = textwrap.dedent(
+        """
+        import logging, sys
+        logging.basicConfig(level=logging.INFO, stream=sys.stdout)
+        from trio_kv.transfer import CpuTransfer, CudaUnavailable, select_backend
+        try:
+            select_backend("cuda")
+        except CudaUnavailable as exc:
+            print("cuda refused:", exc)
+        else:
+            raise AssertionError("the cuda backend started with a failing cuGetProcAddress")
+        backend = select_backend("auto")
+        assert type(backend) is CpuTransfer, backend
+        print("auto fell back ok")
+        """
+    )
+    done = run([sys.executable, "-c", script], {**stub_env, "STUB_BATCH_ENTRY": "fail"}, 60)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert "cuda refused:" in done.stdout and "cuGetProcAddress" in done.stdout, done.stdout
+    assert "auto fell back ok" in done.stdout
+    assert "cuda backend failed" in done.stdout, "auto did not say why it used cpu"
 
 
 def test_below_cuda_12_8_pieces_are_copied_one_by_one(stub_env):

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from ..errors import ErrorCode, TrioKVError
 from ..keys import RequestKey, effective_end, token_count, validate_request_key
-from ..protocol import Limits
+from ..protocol import Limits, RegisterKVCache
 
 
 def check_id(what: str, value: str, limits: Limits) -> None:
@@ -19,6 +19,20 @@ def check_id(what: str, value: str, limits: Limits) -> None:
         raise TrioKVError(
             ErrorCode.LIMIT_EXCEEDED,
             f"{what} of {len(value)} characters exceeds the limit of {limits.max_id_chars}",
+        )
+
+
+def check_registration(request: RegisterKVCache, limits: Limits, chunk_size: int) -> None:
+    """Refuse an instance id that is empty or too long, or a block size that does not divide
+    the chunk size."""
+    if not request.instance_id or len(request.instance_id) > limits.max_id_chars:
+        raise TrioKVError(
+            ErrorCode.INVALID_ARGUMENT, f"instance_id must be 1..{limits.max_id_chars} characters"
+        )
+    if request.block_size < 1 or chunk_size % request.block_size:
+        raise TrioKVError(
+            ErrorCode.BAD_REGISTRATION,
+            f"block_size {request.block_size} must divide the chunk size {chunk_size}",
         )
 
 

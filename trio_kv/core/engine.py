@@ -40,7 +40,7 @@ from ..protocol import (
 )
 from ..transfer import CopyJob, CpuTransfer, MappedKVCache
 from .audit import audit_l1
-from .checks import check_blocks, check_id, check_key
+from .checks import check_blocks, check_id, check_key, check_registration
 from .inflight import InflightChunks, flat
 from .l1 import Entry, L1Store, Refusal
 from .leases import LeaseTable
@@ -114,20 +114,14 @@ class CacheEngine:
         return self.registry.owners
 
     def register(self, request: RegisterKVCache, peer: Peer | None = None) -> Registered:
-        """Map an engine's KV cache for ``peer``. Registering a known instance id replaces it,
-        unless another open connection holds it; on ipc:// the file must be the peer's own."""
-        max_chars = self.settings.limits.max_id_chars
-        if not request.instance_id or len(request.instance_id) > max_chars:
-            raise TrioKVError(ErrorCode.INVALID_ARGUMENT, f"instance_id must be 1..{max_chars} characters")
-        if request.block_size < 1 or self.chunk_size % request.block_size:
-            raise TrioKVError(
-                ErrorCode.BAD_REGISTRATION,
-                f"block_size {request.block_size} must divide the chunk size {self.chunk_size}",
-            )
-        self.registry.check_may_register(request.instance_id, peer)
-        cache = self.transfer.open(request, owner_uid=None if peer is None else peer.uid)
-        self.registry.add(request.instance_id, cache, peer)
-        return Registered(request.instance_id, cache.layout.num_blocks, cache.layout.block_bytes)
+        """Map an engine's KV cache for ``peer``, on the calling thread (``registry.register``)."""
+        check_registration(request, self.settings.limits, self.chunk_size)
+        return self.registry.register(self.transfer, request, peer)
+
+    async def aregister(self, request: RegisterKVCache, peer: Peer | None = None) -> Registered:
+        """``register``, the mapping opened off the event loop (``registry.aregister``)."""
+        check_registration(request, self.settings.limits, self.chunk_size)
+        return await self.registry.aregister(self.transfer, request, peer)
 
     def unregister(self, request: UnregisterKVCache, peer: Peer | None = None) -> Unregistered:
         # Copies in flight keep their own reference to the mapping, so this is safe at any time.
@@ -137,6 +131,10 @@ class CacheEngine:
         """Unregister what ``peer``'s connection registered and drop what it claimed: it went away."""
         self.inflight.drop_peer(peer)
         return self.registry.drop_peer(peer)
+
+    async def aclose(self) -> None:
+        """At shutdown: unregister everything; wait (bounded) until the backend released it."""
+        await self.registry.aclose(self.transfer)
 
     def _instance(self, instance_id: str) -> MappedKVCache:
         return self.registry.get(instance_id)

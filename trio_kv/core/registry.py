@@ -4,7 +4,8 @@ An instance belongs to the connection (``Peer``) that registered it: another con
 neither replace nor unregister it while that one is open, and it is dropped when that
 connection goes away, or (sealed memfds) when the process that owns the memory exits. A
 registration made with no peer (from inside the server's process) belongs to no connection.
-Dropping one only forgets the mapping: a copy in flight keeps its own reference to it.
+Dropping one only forgets the mapping: a copy in flight keeps its own reference to it, and
+the transfer backend releases it once nothing does (CUDA: in a thread, off the event loop).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from __future__ import annotations
 import logging
 
 from ..errors import ErrorCode, TrioKVError
-from ..transfer import MappedKVCache
+from ..protocol import Registered, RegisterKVCache
+from ..transfer import CpuTransfer, MappedKVCache
 from .owners import OwnerWatch
 from .peers import Peer
 
@@ -25,6 +27,31 @@ class InstanceRegistry:
         self._holders: dict[str, Peer] = {}
         # Registrations of sealed memfds are dropped when the process that owns the memory exits.
         self.owners = OwnerWatch(self._owner_exited)
+
+    def register(self, transfer: CpuTransfer, request: RegisterKVCache, peer: Peer | None) -> Registered:
+        """Open ``request`` with ``transfer`` (blocking) and register it for ``peer``. Registering
+        a known instance id replaces it, unless another open connection holds it; on ipc:// the
+        file must be the peer's own."""
+        self.check_may_register(request.instance_id, peer)
+        cache = transfer.open(request, owner_uid=None if peer is None else peer.uid)
+        self.add(request.instance_id, cache, peer)
+        return _registered(request, cache)
+
+    async def aregister(
+        self, transfer: CpuTransfer, request: RegisterKVCache, peer: Peer | None
+    ) -> Registered:
+        """``register``, opened with ``transfer.aopen`` (CUDA: in a worker thread). What the peer
+        may do is checked again once it is open: the connection may have gone away meanwhile, and
+        its drop found nothing to drop. A registration refused then, or cancelled, is closed."""
+        self.check_may_register(request.instance_id, peer)
+        cache = await transfer.aopen(request, owner_uid=None if peer is None else peer.uid)
+        try:
+            self.check_may_register(request.instance_id, peer)
+            self.add(request.instance_id, cache, peer)
+        except BaseException:
+            transfer.discard(cache)
+            raise
+        return _registered(request, cache)
 
     def check_may_register(self, instance_id: str, peer: Peer | None) -> None:
         """Raise PERMISSION_DENIED if ``peer`` may not (re)register ``instance_id`` now."""
@@ -59,6 +86,13 @@ class InstanceRegistry:
         peer.instances.clear()
         return dropped
 
+    async def aclose(self, transfer: CpuTransfer) -> None:
+        """Unregister everything (the server stops) and wait until ``transfer`` has released it."""
+        for instance_id in list(self.instances):
+            self._forget(instance_id)
+        if not await transfer.wait_released():
+            log.warning("KV cache mappings were still being released at shutdown")
+
     def get(self, instance_id: str) -> MappedKVCache:
         cache = self.instances.get(instance_id)
         if cache is None:
@@ -88,3 +122,7 @@ class InstanceRegistry:
             if registered is cache:
                 self._forget(instance_id)
                 log.info("KV cache %r unregistered: the process that owns its memory exited", instance_id)
+
+
+def _registered(request: RegisterKVCache, cache: MappedKVCache) -> Registered:
+    return Registered(request.instance_id, cache.layout.num_blocks, cache.layout.block_bytes)

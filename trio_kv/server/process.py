@@ -179,7 +179,7 @@ class Server:
             {
                 Hello: WithPeer(asynchronous(self._hello)),
                 Ping: asynchronous(lambda _: Pong()),
-                RegisterKVCache: WithPeer(asynchronous(self.engine.register)),
+                RegisterKVCache: WithPeer(self.engine.aregister),
                 UnregisterKVCache: WithPeer(asynchronous(self.engine.unregister)),
                 Store: self.engine.store,
                 Lookup: WithPeer(self.engine.lookup),
@@ -246,6 +246,8 @@ class Server:
         finally:
             self._close_sockets()
             self._save_quotas()
+            with trio.CancelScope(shield=True):  # bounded: close what is still mapped
+                await self.engine.aclose()
 
     def _save_quotas(self) -> None:
         """Last chance for a quota change whose save failed earlier to reach the state file."""

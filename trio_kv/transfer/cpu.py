@@ -79,6 +79,20 @@ class CpuTransfer:
             raise
         return MappedKVCache(layout, opened.tensor, opened.owner_pidfd)
 
+    async def aopen(self, request: RegisterKVCache, *, owner_uid: int | None = None) -> MappedKVCache:
+        """``open``, for the event loop: opening shared memory takes a few system calls, done here
+        (CUDA registrations open in a worker thread: ``CudaTransfer.aopen``)."""
+        return self.open(request, owner_uid=owner_uid)
+
+    def discard(self, cache: MappedKVCache) -> None:
+        """Close a cache ``aopen`` returned that is not registered after all (no copy holds it)."""
+        if cache.owner_pidfd is not None:
+            os.close(cache.owner_pidfd)
+
+    async def wait_released(self, timeout_s: float = 10.0) -> bool:
+        """Shared-memory mappings are released as their objects go: nothing to wait for."""
+        return True
+
     async def _run(
         self,
         copy: Callable[[Sequence[CopyJob], int, int], None],

@@ -5,8 +5,10 @@ a ``cuda`` part (shared-memory KV caches) and their copies go to the CPU path,
 so one server serves both kinds of engine. For a CUDA registration it
 
 - opens every allocation's IPC memory handle (``cuIpcOpenMemHandle``) in the
-  primary context of the device whose UUID the registration names, and derives
-  the copy plan from the tensor descriptions (``plan.device_layout``);
+  primary context of the device whose UUID the registration names, in a worker
+  thread (``aopen``), and derives the copy plan from the tensor descriptions
+  (``plan.device_layout``); a cache no longer used is released (IPC handles
+  closed) by the backend's releaser thread (``cuda_release``), never on the loop;
 - creates one non-blocking stream per registered instance; before a copy the
   worker thread waits, bounded by ``copy_timeout_s``, for the engine's
   interprocess event: the one sent with the request, else the one sent at
@@ -41,8 +43,7 @@ import logging
 import math
 import threading
 import weakref
-from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -54,109 +55,27 @@ from ..export.cuda_driver import CudaError, call, handle_from_bytes
 from ..protocol import CudaRegistration, RegisterKVCache, TensorSpec
 from . import CudaUnavailable
 from .cpu import CopyJob, CpuTransfer, MappedKVCache
+from .cuda_cache import MAX_OPEN_EVENTS, CudaResources, MappedCudaKVCache, Releaser
 from .events import Copier, CopyAbandoned, Device, EngineEventTimeout, driver_status, run_copies
-from .layout import KVLayout
-from .plan import IPC_HANDLE_BYTES, ChunkCopy, check_cuda_registration, device_layout, plan_copies
+from .plan import ChunkCopy, check_cuda_registration, device_layout, plan_copies
+from .threads import run_to_completion
 
-__all__ = ["CudaTransfer", "CudaUnavailable", "MappedCudaKVCache", "cuda_available", "driver_status"]
+__all__ = [
+    "MAX_OPEN_EVENTS",
+    "CudaTransfer",
+    "CudaUnavailable",
+    "MappedCudaKVCache",
+    "cuda_available",
+    "driver_status",
+]
 
 log = logging.getLogger(__name__)
 
-MAX_OPEN_EVENTS = 64  # per instance: idle IPC events kept open (from request handles)
 DEFAULT_COPY_TIMEOUT_S = 30.0  # how long a copy waits for the engine's event
 
 
 def cuda_available() -> bool:
     return driver_status() is None
-
-
-class _Resources:
-    """Driver objects of one mapped cache, released together once nothing uses the cache."""
-
-    def __init__(self, device: Device) -> None:
-        self.device = device
-        self.memory: list[Any] = []  # pointers from cuIpcOpenMemHandle
-        self.events: list[Any] = []
-        self.streams: list[Any] = []
-
-    def release(self) -> None:
-        try:
-            self.device.activate()
-        except Exception as exc:
-            log.warning("cannot release CUDA resources: %s", exc)
-            return
-        releases = [
-            *((driver.cuEventDestroy, e) for e in self.events),
-            *((driver.cuStreamDestroy, s) for s in self.streams),
-            *((driver.cuIpcCloseMemHandle, m) for m in self.memory),
-        ]
-        for function, obj in releases:
-            try:
-                call(function, obj)
-            except Exception as exc:  # shutting down or a broken context: keep releasing the rest
-                log.warning("while releasing a CUDA KV cache: %s", exc)
-        self.events, self.streams, self.memory = [], [], []
-
-
-class MappedCudaKVCache(MappedKVCache):
-    """A registered CUDA KV cache: device-address layout, its device and its own stream.
-
-    Subclasses MappedKVCache only so the engine, typed against the CPU path, accepts
-    it; it has no host views, so the CPU gather/scatter refuse it. Driver objects
-    are released when the last reference goes (copies in flight hold one).
-    """
-
-    owner_pidfd = None  # IPC mappings name no owning process; the connection holds them
-
-    def __init__(self, layout: KVLayout, device: Device, resources: _Resources) -> None:
-        self.layout = layout
-        self.device = device
-        self._resources = resources
-        weakref.finalize(self, resources.release)
-        device.activate()
-        self.stream = call(driver.cuStreamCreate, driver.CUstream_flags.CU_STREAM_NON_BLOCKING)
-        resources.streams.append(self.stream)
-        self.registered_event: Any = None
-        self._events: OrderedDict[bytes, Any] = OrderedDict()
-        self._holds: dict[bytes, int] = {}  # copies (queued or running) that need the event
-
-    def gather(self, jobs: Sequence[CopyJob], part: int = 0, parts: int = 1) -> None:
-        raise TypeError("a CUDA KV cache is copied by CudaTransfer, not by the CPU path")
-
-    scatter = gather
-
-    def hold_event(self, raw: bytes) -> Any:
-        """The CUevent for an interprocess event handle, opened once and kept; it stays open at
-        least until ``release_event(raw)`` (one release per hold)."""
-        event = self._events.get(raw)
-        if event is None:
-            if len(raw) != IPC_HANDLE_BYTES:
-                raise TrioKVError(ErrorCode.INVALID_ARGUMENT, f"ipc_event must be {IPC_HANDLE_BYTES} bytes")
-            self.device.activate()
-            try:
-                event = call(driver.cuIpcOpenEventHandle, handle_from_bytes(driver.CUipcEventHandle, raw))
-            except CudaError as exc:
-                raise TrioKVError(ErrorCode.INVALID_ARGUMENT, f"cannot open ipc_event: {exc}") from None
-            self._events[raw] = event
-            self._resources.events.append(event)
-        self._events.move_to_end(raw)
-        self._holds[raw] = self._holds.get(raw, 0) + 1
-        self._evict_idle_events()
-        return event
-
-    def release_event(self, raw: bytes) -> None:
-        holds = self._holds.pop(raw) - 1
-        if holds:
-            self._holds[raw] = holds
-        self._evict_idle_events()
-
-    def _evict_idle_events(self) -> None:
-        """Destroy the least recently used events no copy holds, down to MAX_OPEN_EVENTS."""
-        excess = len(self._events) - MAX_OPEN_EVENTS
-        for raw in [raw for raw in self._events if raw not in self._holds][: max(0, excess)]:
-            event = self._events.pop(raw)
-            self._resources.events.remove(event)
-            call(driver.cuEventDestroy, event)
 
 
 class CudaTransfer(CpuTransfer):
@@ -185,6 +104,7 @@ class CudaTransfer(CpuTransfer):
         self.copy_timeout_s = copy_timeout_s
         self._threads = trio.CapacityLimiter(math.inf)  # slots are taken (cancellably) from copy_slots
         self._pinned: list[tuple[int, int]] = []
+        self.releaser = Releaser()  # closes IPC mappings off the event loop
         self.copier = Copier()
         log.info("cuda transfer backend: %d device(s), %s", len(self.devices), self.copier.describe())
 
@@ -222,17 +142,52 @@ class CudaTransfer(CpuTransfer):
     def open(self, request: RegisterKVCache, *, owner_uid: int | None = None) -> MappedKVCache:
         """Map a registration: CUDA IPC handles when it has a ``cuda`` part, else shared memory.
         Raises BAD_REGISTRATION for anything that cannot be mapped. ``owner_uid`` is checked
-        against a shared-memory file's owner; CUDA IPC handles name no file to check."""
+        against a shared-memory file's owner; CUDA IPC handles name no file to check.
+        Blocking, on the calling thread: the server uses ``aopen``."""
         if request.cuda is None:
             return super().open(request, owner_uid=owner_uid)
+        return self._open_cuda(request, threading.Event())
+
+    async def aopen(self, request: RegisterKVCache, *, owner_uid: int | None = None) -> MappedKVCache:
+        """``open``, with a CUDA registration's IPC handles opened (one ``cuIpcOpenMemHandle``
+        per allocation) in a worker thread, so the event loop runs meanwhile. Cancelled, it
+        stops after the allocation being opened, closes what it opened, then raises; a failure
+        closes what it opened too."""
+        if request.cuda is None:
+            return super().open(request, owner_uid=owner_uid)
+        stop = threading.Event()
+        opened: list[MappedCudaKVCache] = []
+        try:
+            args = (self._open_cuda, request, stop, opened)
+            failure = await run_to_completion(_open_reporting, *args, stop=stop, limiter=self._threads)
+        except BaseException:  # cancelled: the thread has returned, perhaps with a cache
+            for cache in opened:
+                cache.close()
+            raise
+        if failure is not None:
+            raise failure
+        return opened[0]
+
+    def discard(self, cache: MappedKVCache) -> None:
+        if isinstance(cache, MappedCudaKVCache):
+            cache.close()
+        else:
+            super().discard(cache)
+
+    def _open_cuda(self, request: RegisterKVCache, stop: threading.Event) -> MappedCudaKVCache:
+        """Open a CUDA registration (blocking); raises OpenAbandoned once ``stop`` is set."""
+        assert request.cuda is not None
         cuda: CudaRegistration = request.cuda
         check_cuda_registration(request.tensors, cuda)
         device = self._device(cuda.device_uuid)
-        resources = _Resources(device)
+        resources = CudaResources(device)
+        cache: MappedCudaKVCache | None = None
         try:
             device.activate()
             bases = []
             for allocation in cuda.allocations:
+                if stop.is_set():
+                    raise OpenAbandoned("cancelled while opening the CUDA KV cache")
                 handle = handle_from_bytes(driver.CUipcMemHandle, allocation.handle)
                 flags = driver.CUipcMem_flags.CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS
                 pointer = call(driver.cuIpcOpenMemHandle, handle, flags)
@@ -250,18 +205,21 @@ class CudaTransfer(CpuTransfer):
                 [bases[i] for i in cuda.tensor_allocations],
                 [cuda.allocations[i].size for i in cuda.tensor_allocations],
             )
-            cache = MappedCudaKVCache(layout, device, resources)
+            cache = MappedCudaKVCache(layout, device, resources, self.releaser)
             if cuda.event_handle:
                 try:  # held for the cache's life
                     cache.registered_event = cache.hold_event(cuda.event_handle)
                 except TrioKVError as exc:
                     raise TrioKVError(ErrorCode.BAD_REGISTRATION, f"event_handle: {exc.message}") from None
             return cache
-        except CudaError as exc:
+        except BaseException as exc:
+            if cache is not None:
+                cache._release.detach()  # released here, at once
             resources.release()
-            raise TrioKVError(ErrorCode.BAD_REGISTRATION, f"cannot map the CUDA KV cache: {exc}") from None
-        except BaseException:
-            resources.release()
+            if isinstance(exc, CudaError):
+                raise TrioKVError(
+                    ErrorCode.BAD_REGISTRATION, f"cannot map the CUDA KV cache: {exc}"
+                ) from None
             raise
 
     def open_local(
@@ -277,7 +235,7 @@ class CudaTransfer(CpuTransfer):
         from ``bases[i]``. The caller keeps that memory alive longer than the cache."""
         owner = self.devices[device]
         layout = device_layout(tensors, block_size, bases, sizes)
-        return MappedCudaKVCache(layout, owner, _Resources(owner))
+        return MappedCudaKVCache(layout, owner, CudaResources(owner), self.releaser)
 
     # ------------------------------------------------------------ copies
 
@@ -325,36 +283,48 @@ class CudaTransfer(CpuTransfer):
         """``run_copies`` in a worker thread, waited for whatever is cancelled; a cancellation
         while it still waits for the engine's event stops that wait (nothing is enqueued yet)."""
         stop = threading.Event()
-        outcome: list[str | None] = []
-        finished = trio.Event()
+        args = (
+            cache.device,
+            cache.stream,
+            engine_event,
+            plan,
+            to_host,
+            self.copier,
+            self.copy_timeout_s,
+            stop,
+        )
+        failure: str | None = await run_to_completion(
+            _run_copies_reporting, *args, stop=stop, limiter=self._threads
+        )
+        return failure
 
-        async def run_in_thread() -> None:
-            # From here a copy may be enqueued: it must be waited for, whatever is cancelled.
-            with trio.CancelScope(shield=True):
-                outcome.append(
-                    await trio.to_thread.run_sync(
-                        _run_copies_reporting,
-                        cache.device,
-                        cache.stream,
-                        engine_event,
-                        plan,
-                        to_host,
-                        self.copier,
-                        self.copy_timeout_s,
-                        stop,
-                        limiter=self._threads,
-                    )
-                )
-            finished.set()
+    # ------------------------------------------------------------ shutdown
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(run_in_thread)
-            try:
-                await finished.wait()
-            except trio.Cancelled:
-                stop.set()
-                raise
-        return outcome[0]
+    async def wait_released(self, timeout_s: float = 10.0) -> bool:
+        """Return once the driver objects of every cache gone so far are released (the server's
+        shutdown, tests); False if that took longer than ``timeout_s``."""
+        if not self.releaser.pending:
+            return True
+        return await trio.to_thread.run_sync(self.releaser.wait, timeout_s, abandon_on_cancel=True)
+
+
+class OpenAbandoned(RuntimeError):
+    """The caller stopped waiting while a CUDA registration was being opened."""
+
+
+def _open_reporting(
+    open_cuda: Callable[[RegisterKVCache, threading.Event], MappedCudaKVCache],
+    request: RegisterKVCache,
+    stop: threading.Event,
+    opened: list[MappedCudaKVCache],
+) -> Exception | None:
+    """``open_cuda``, the cache put in ``opened`` and a failure returned (not raised in Trio's
+    worker thread: see ``_run_copies_reporting``)."""
+    try:
+        opened.append(open_cuda(request, stop))
+    except Exception as exc:
+        return exc
+    return None
 
 
 def _run_copies_reporting(*args: Any) -> str | None:
