@@ -110,3 +110,26 @@ async def test_bench_cpu_runs_one_untimed_warm_up_round_before_the_timed_ones(ro
                 await trio.to_thread.run_sync(bench_cpu._copy_rounds, client, args, chunk_bytes, 2 * 16)
             stored = server.server.metrics.traffic_summary()["total"]["stored_bytes"]
     assert stored == (1 + rounds) * args.chunks * chunk_bytes
+
+
+def test_bench_scaling_reports_each_table_with_ratios_of_its_own_figures(capsys):
+    argv = ["bench", "scaling", "--json", "--max-cached", "1000", "--load-seconds", "0.3", "--rounds", "1"]
+    assert cli.main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [row["chunk_bytes"] for row in report["sizes"]] == [
+        256 << 10,
+        1 << 20,
+        4 << 20,
+        16 << 20,
+        64 << 20,
+    ]
+    for row in report["sizes"]:
+        assert row["store_ratio"] == pytest.approx(row["store_gbps"] / row["memcpy_gbps"])
+    assert [row["clients"] for row in report["clients"]] == [1, 4, 16]
+    for row in report["clients"]:
+        assert (
+            row["ratio"] == pytest.approx(row["lookups_per_s"] / row["echo_per_s"])
+            and row["lookups_per_s"] > 0
+        )
+    assert [row["cached_chunks"] for row in report["cached"]] == [1000]
+    assert report["cached"][0]["lookup_p50_us"] > 0

@@ -24,7 +24,7 @@ SERVE_COMMAND = "pip install torch==2.13.0 -e '.[server]' && trio-kv serve"
 TEST_COMMAND = (
     "pip install torch==2.13.0 -e '.[test]' && ruff check . && ruff format --check . && mypy && pytest"
 )
-README_MAX_LINES = 180
+README_MAX_LINES = 190  # 180 + the hot-path figures and scaling tables the hot-path issue asks for
 # Written on another branch; linked from here already. Checked like any other page once it exists.
 PENDING_PAGES = {ROOT / "docs" / "architecture.md"}
 

@@ -191,7 +191,7 @@ class _NeedsExtra:
 def _bench_modules() -> dict[str, Any]:
     """``trio-kv bench`` subcommands beyond cpu, each a module with add_parser() and main()."""
     modules: dict[str, Any] = {}
-    for name in ("fs", "s3", "gpu", "soak", "vllm"):
+    for name in ("fs", "s3", "gpu", "soak", "vllm", "scaling"):
         try:
             modules[name] = importlib.import_module(f"{__package__}.tools.bench_{name}")
         except ModuleNotFoundError as exc:
