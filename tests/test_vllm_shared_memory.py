@@ -190,6 +190,7 @@ async def test_a_worker_whose_registration_is_gone_registers_again(server):
         # The connection drops (a network blip, or the server restarting): its registration
         # goes with it, and nng redials.
         closed_before = server.server.connections.closed_count
+        old_pipes = {pipe.id for pipe in logic._calls.client._sock.pipes}
         for sock in server.server._sockets:
             for pipe in sock.pipes:
                 pipe.close()
@@ -197,7 +198,8 @@ async def test_a_worker_whose_registration_is_gone_registers_again(server):
             await server.server.connections.wait_closed(closed_before + 1)
         assert server.engine.instances == {}
         with trio.fail_after(5):
-            while not logic._calls.client._sock.pipes:  # noqa: ASYNC110 -- nng redials in its own thread
+            # A new pipe, not the old one the client has not yet seen go.
+            while not {pipe.id for pipe in logic._calls.client._sock.pipes} - old_pipes:  # noqa: ASYNC110 -- nng redials in its own thread
                 await trio.sleep(0.01)
 
         def store() -> None:
