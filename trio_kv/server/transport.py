@@ -10,9 +10,9 @@ blocking send (bounded by the socket's send timeout) runs in a thread instead.
 
 Why not pynng's ``Context.arecv``/``asend``: each of those allocates an nng aio, and each
 completion runs a Python callback on an nng thread, which must take the GIL from the Trio
-thread and then wake it (``run_sync_soon``): on a 2-core machine that hand-off cost ~4x the
-request's own handling (docs/benchmarks.md#lookup). Here nng's threads never run Python, and
-a busy loop drains many messages per wake-up.
+thread and then wake it (``run_sync_soon``). Here nng's threads never run Python, and a busy
+loop drains many messages per wake-up. What it bought, and what it did not, is measured in
+docs/benchmarks.md#hot-path.
 """
 
 from __future__ import annotations

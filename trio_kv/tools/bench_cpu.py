@@ -32,8 +32,7 @@ import torch
 from ..client import BlockingClient
 from ..errors import TrioKVError
 from ..export.shm import create_shared_kv_cache
-from ..keys import RequestKey, pack_tokens, packed_key
-from ..protocol import Lookup, encode
+from ..keys import RequestKey, pack_tokens
 from . import bench_refs as refs
 from .bench_metadata import metadata_bytes_per_chunk
 from .common import BenchFailed, bad_counts, emit
@@ -170,7 +169,7 @@ def _latency_samples(
     """Nanoseconds per lookup of ``key`` and per echo of a message as large as the encoded
     Lookup; the two alternate, so drift in the machine hits both alike. Warm-up samples
     (connections and caches settling) are dropped, not reported."""
-    payload = bytes(len(encode(Lookup(packed_key(key)))))
+    payload = refs.echo_payload(key)
     lookups, echoes = [], []
     with pynng.Req0(dial=echo_url, block_on_dial=True, resend_time=-1) as echo:
         for _ in range(warmup + count):
@@ -236,9 +235,8 @@ def run_cpu(args: argparse.Namespace) -> CpuBenchResult:
                 lag_before = refs.histogram_counts(refs.admin_text(admin, "/metrics"), LAG_METRIC)
                 store_s, retrieve_s, memcpy_s = _copy_rounds(client, args, chunk_bytes, source_blocks)
                 lag_after = refs.histogram_counts(refs.admin_text(admin, "/metrics"), LAG_METRIC)
-                target_block0 = source_blocks
                 verified = all(
-                    kv.block_bytes(block) == kv.block_bytes(target_block0 + block)
+                    kv.block_bytes(block) == kv.block_bytes(source_blocks + block)
                     for block in range(args.chunks * blocks_per_chunk)
                 )
                 if not verified:
@@ -255,7 +253,7 @@ def run_cpu(args: argparse.Namespace) -> CpuBenchResult:
                     client, lookup_key, echo_url, args.lookups, warmup=max(20, args.lookups // 10)
                 )
                 client.end_session(lookup_key.request_id)
-            payload = bytes(len(encode(Lookup(packed_key(lookup_key)))))
+            payload = refs.echo_payload(lookup_key)
             refs.progress(f"bench cpu: {args.clients} lookup clients for {args.load_seconds} s")
             lookup_rate, server_cpu = refs.run_load(
                 "lookup",

@@ -28,7 +28,8 @@ from typing import Any
 import pynng
 
 from ..client import BlockingClient
-from ..keys import RequestKey
+from ..keys import RequestKey, packed_key
+from ..protocol import Lookup, encode
 from .common import BenchFailed
 
 _SPAWN = multiprocessing.get_context("spawn")
@@ -53,6 +54,11 @@ def free_port() -> int:
 
 
 # ------------------------------------------------------------ the echo reference
+
+
+def echo_payload(key: RequestKey) -> bytes:
+    """What the echo reference sends: as many bytes as the encoded Lookup of ``key``."""
+    return bytes(len(encode(Lookup(packed_key(key)))))
 
 
 def _echo(url: str) -> None:  # process entry point

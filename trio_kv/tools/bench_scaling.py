@@ -24,15 +24,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import msgspec
-import pynng
 import torch
 
 from ..client import BlockingClient
 from ..export.shm import SharedKVCache, create_shared_kv_cache
-from ..keys import RequestKey, packed_key
-from ..protocol import Lookup, encode
+from ..keys import RequestKey
 from . import bench_refs as refs
-from .bench_cpu import _memcpy_seconds, _percentile_us
+from .bench_cpu import _latency_samples, _memcpy_seconds, _percentile_us
 from .common import BenchFailed, emit
 
 SIZES = [(256 * 1024, 1, 2), (1 << 20, 1, 8), (4 << 20, 4, 8), (16 << 20, 16, 8), (64 << 20, 64, 8)]
@@ -142,7 +140,7 @@ def _lookup_key(client: BlockingClient, instance: str, chunk_tokens: int, first:
 def _clients(
     url: str, echo_url: str, server_pid: int, echo_pid: int, key: RequestKey, seconds: float
 ) -> list[ClientsRow]:
-    payload = bytes(len(encode(Lookup(packed_key(key)))))
+    payload = refs.echo_payload(key)
     rows = []
     for clients in CLIENTS:
         refs.progress(f"bench scaling: {clients} client processes")
@@ -157,18 +155,8 @@ def _clients(
 
 
 def _p50s(client: BlockingClient, key: RequestKey, echo_url: str, count: int = 400) -> tuple[float, float]:
-    payload = bytes(len(encode(Lookup(packed_key(key)))))
-    lookups, echoes = [], []
-    with pynng.Req0(dial=echo_url, block_on_dial=True, resend_time=-1) as echo:
-        for _ in range(count + 50):
-            start = time.perf_counter_ns()
-            client.lookup(key)
-            lookups.append(time.perf_counter_ns() - start)
-            start = time.perf_counter_ns()
-            echo.send(payload)
-            echo.recv()
-            echoes.append(time.perf_counter_ns() - start)
-    return _percentile_us(lookups[50:], 0.5), _percentile_us(echoes[50:], 0.5)
+    lookups, echoes = _latency_samples(client, key, echo_url, count, warmup=50)
+    return _percentile_us(lookups, 0.5), _percentile_us(echoes, 0.5)
 
 
 def _cached(directory: str, echo_url: str, max_cached: int) -> list[CachedRow]:
