@@ -121,3 +121,77 @@ async def test_copies_run_in_threads_nicer_than_the_event_loop():
     await CpuTransfer()._run(copy, Cache(), [])  # type: ignore[arg-type]
     loop_priority = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     assert seen == [loop_priority + COPY_NICE] or seen == [19]
+
+
+def _message(body: bytes) -> object:
+    from pynng import ffi, lib
+
+    msg_p = ffi.new("nng_msg **")
+    assert lib.nng_msg_alloc(msg_p, 0) == 0
+    assert lib.nng_msg_append(msg_p[0], body, len(body)) == 0
+    return msg_p[0]
+
+
+async def _until(condition, timeout_s: float = 5.0) -> None:
+    with trio.fail_after(timeout_s):
+        # nng's threads finish the sends and signal nothing a task could wait on: poll.
+        while not condition():  # noqa: ASYNC110
+            await trio.sleep(0.01)
+
+
+async def test_replies_wait_in_nng_for_a_busy_peer_and_arrive_in_order(tmp_path):
+    # A send the peer cannot take yet stays with its aio; the loop never waits for it.
+    import pynng
+
+    from trio_kv.server.transport import SendAios
+
+    url = f"ipc://{tmp_path}/push"
+    with pynng.Push0(listen=url) as push:
+        sends = SendAios(push, max_aios=64)
+        for n in range(20):
+            sends.send(_message(b"%d" % n))
+        assert sends.in_flight == 20
+        with pynng.Pull0(dial=url, recv_timeout=5000) as pull:
+            got = [await trio.to_thread.run_sync(pull.recv) for _ in range(20)]
+        assert got == [b"%d" % n for n in range(20)]
+        sends.send(_message(b"after"))  # takes finished aios back
+        await _until(lambda: sends.in_flight <= 1 and sends.dropped == 0)
+        sends.close()
+
+
+async def test_past_max_sends_in_flight_a_reply_is_dropped_and_counted(tmp_path):
+    import pynng
+
+    from trio_kv.server.transport import SendAios
+
+    with pynng.Push0(listen=f"ipc://{tmp_path}/push") as push:
+        sends = SendAios(push, max_aios=3)
+        for n in range(5):
+            sends.send(_message(b"%d" % n))
+        assert (sends.in_flight, sends.dropped) == (3, 2)
+        sends.close()  # stops the three: their replies are dropped too
+        assert (sends.in_flight, sends.dropped) == (0, 5)
+        sends.send(_message(b"late"))  # after close: dropped, nothing allocated
+        assert (sends.in_flight, sends.dropped) == (0, 6)
+
+
+async def test_a_failed_send_frees_its_message_and_counts_it(tmp_path):
+    import pynng
+
+    from trio_kv.server.transport import SendAios
+
+    push = pynng.Push0(listen=f"ipc://{tmp_path}/push")
+    sends = SendAios(push, max_aios=8)
+    sends.send(_message(b"x"))
+    push.close()  # the send fails with ECLOSED
+    await _until(lambda: (sends.send(_message(b"y")), sends.dropped)[1] >= 2)
+    sends.close()
+
+
+async def test_the_server_counts_no_dropped_reply_in_normal_traffic():
+    async with running_server(chunk_size=CHUNK) as server, await AsyncClient.connect(server.url) as client:
+        async with trio.open_nursery() as nursery:
+            for _ in range(200):
+                nursery.start_soon(client.ping)
+        listeners = server.server.listeners
+        assert listeners and all(listener.dropped_replies == 0 for listener in listeners)

@@ -16,7 +16,7 @@ Salts appear as label values in their URL spelling: the empty salt is ``@empty``
 from __future__ import annotations
 
 import typing
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import trio
@@ -124,6 +124,8 @@ class ServerMetrics:
             registry=self.registry,
         )
         self.loop_lag_last_s = 0.0
+        # Replies the listeners could not hand to nng (set by the server that owns them).
+        self.dropped_replies: Callable[[], int] = lambda: 0
         self.traffic: dict[str, SaltTraffic] = {}
         self._kinds: dict[type, _KindMetrics] = {
             kind: _KindMetrics(kind.__struct_config__.tag, self._requests, self._latency)
@@ -266,6 +268,11 @@ class _StateCollector:
         for part, nbytes in status.memory_bytes.items():
             memory.add_metric([part], nbytes)
         yield memory
+        yield _counter(
+            "trio_kv_dropped_replies",
+            "Replies not delivered: the client had gone, or too many replies to it were pending.",
+            metrics.dropped_replies(),
+        )
         yield _gauge("trio_kv_instances", "Registered KV caches.", len(status.instances))
         yield _gauge("trio_kv_requests_in_flight", "Requests being handled.", status.requests_in_flight)
         yield _gauge(

@@ -164,6 +164,8 @@ class Server:
         )
         self.engine = CacheEngine(settings, self.l1, transfer, tiering=self.tiering, faults=faults)
         self.metrics = ServerMetrics(self.engine, self.quotas)
+        self.listeners: list[RawListener] = []
+        self.metrics.dropped_replies = lambda: sum(listener.dropped_replies for listener in self.listeners)
         self.admin_url: str | None = None  # the admin HTTP URL actually bound, once serving
         self._admin_stop = trio.Event()
         self.draining = False
@@ -311,7 +313,9 @@ class Server:
         async def handle(buf: bytes, pipe_id: int) -> bytes:
             return await self.handle(buf, peer_by_id(pipe_id, url))
 
-        await RawListener(sock, handle, workers=self.config.workers).serve()
+        listener = RawListener(sock, handle, workers=self.config.workers)
+        self.listeners.append(listener)
+        await listener.serve()
 
     async def handle(self, buf: bytes, peer: Peer | None = None) -> bytes:
         """Answer one encoded request from ``peer`` (None: from inside this process) with one
