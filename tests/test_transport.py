@@ -195,3 +195,38 @@ async def test_the_server_counts_no_dropped_reply_in_normal_traffic():
                 nursery.start_soon(client.ping)
         listeners = server.server.listeners
         assert listeners and all(listener.dropped_replies == 0 for listener in listeners)
+
+
+def test_trio_kv_serve_runs_nng_on_the_task_threads_it_was_given(tmp_path):
+    import os
+    import time
+
+    from trio_kv.tools import bench_refs as refs
+
+    def task_threads(pid: int) -> int:
+        names = []
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/comm") as comm:
+                    names.append(comm.read().strip())
+            except FileNotFoundError:
+                pass  # a thread that just ended
+        return names.count("nng:task")
+
+    for threads in (2, 3):
+        url = f"ipc://{tmp_path}/t{threads}.sock"
+        env = {"TRIO_KV_NNG_TASK_THREADS": str(threads)}
+        with refs.serve(url, admin_port=refs.free_port(), env=env) as process:
+            deadline = time.monotonic() + 5
+            while task_threads(process.pid) != threads and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert task_threads(process.pid) == threads
+
+
+def test_nng_task_threads_below_two_are_refused():
+    import pytest
+
+    from trio_kv.server.config import ConfigError, ServerConfig
+
+    with pytest.raises(ConfigError, match="nng_task_threads"):
+        ServerConfig(nng_task_threads=1).validate()

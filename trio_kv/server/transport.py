@@ -34,6 +34,20 @@ Handler = Callable[[bytes, int], Awaitable[bytes]]
 """``handler(request bytes, pipe id) -> reply bytes``; never raises but Cancelled."""
 
 
+def set_nng_task_threads(threads: int) -> bool:
+    """Run nng's aio completions on ``threads`` task threads. Takes effect only before nng
+    starts in this process (its first socket); False where this nng cannot be told.
+
+    nng starts a task thread per core (at least 4) by default. The loop is one thread and
+    replies need no callback, so more only add wake-ups: on 2 cores, 2 instead of 4 made a
+    Trio echo round trip cost 77 instead of 99-105 us of server CPU (docs/benchmarks.md)."""
+    if not hasattr(lib, "nng_init_set_parameter"):
+        return False
+    lib.nng_init_set_parameter(lib.NNG_INIT_NUM_TASK_THREADS, threads)
+    lib.nng_init_set_parameter(lib.NNG_INIT_MAX_TASK_THREADS, threads)
+    return True
+
+
 def open_raw_rep(**options: object) -> pynng.Rep0:
     """A Rep0 socket in raw mode: many requests outstanding at once, routed by header."""
     return pynng.Rep0(opener=lib.nng_rep0_open_raw, **options)
