@@ -229,15 +229,8 @@ class CacheEngine:
     async def lookup(self, request: Lookup, peer: Peer | None = None) -> LookupResult:
         """Count the leading chunks held for every rank (or the key's rank), waiting for those in flight,
         loading what L2 holds past the L1 hits; lease them; ``claim`` what misses (``inflight``)."""
-        key = request.key
-        check_key(key, self.settings.limits, self.chunk_size, needs_rank=False)
-        n_chunks = effective_end(key) // self.chunk_size
-        hashes = self.sessions.hashes(key, n_chunks * self.chunk_size)
+        key, ranks, chunk_keys = self._lookup_keys(request)
         await self._fault_point("lookup.before_scan")
-        ranks = range(key.world_size) if key.rank is None else (key.rank,)
-        chunk_keys = [
-            [ObjectKey(key.model, key.world_size, r, h, key.cache_salt) for r in ranks] for h in hashes
-        ]
         owner = (key.cache_salt, key.request_id)
         ready = await self.inflight.walk(self.l1, chunk_keys, owner)
         hits = [(index, entry) for index, entries in enumerate(ready) for entry in entries]
@@ -269,6 +262,34 @@ class CacheEngine:
         return LookupResult(
             hit_tokens=(l1_chunks + l2_chunks) * self.chunk_size, l1_chunks=l1_chunks, l2_chunks=l2_chunks
         )
+
+    def lookup_now(self, request: Lookup, peer: Peer | None = None) -> LookupResult | None:
+        """``lookup`` answered without waiting, or None where it would wait (a chunk in flight,
+        L2 to ask, fault injection) and nothing was done: then ``lookup`` answers it. Raises
+        what ``lookup`` raises for a bad key."""
+        if self.faults is not None:
+            return None
+        key, _, chunk_keys = self._lookup_keys(request)
+        owner = (key.cache_salt, key.request_id)
+        # With L2 tiers, a partial hit goes to lookup: L2 may hold the rest.
+        ready = self.inflight.walk_now(self.l1, chunk_keys, owner, whole=self.tiering is not None)
+        if ready is None:
+            return None
+        l1_chunks = len(ready)
+        if request.claim and key.request_id:
+            self.inflight.claim(flat(chunk_keys[l1_chunks:]), owner, peer)
+        self._lease(key, [(index, entry) for index, entries in enumerate(ready) for entry in entries])
+        return LookupResult(hit_tokens=l1_chunks * self.chunk_size, l1_chunks=l1_chunks, l2_chunks=0)
+
+    def _lookup_keys(self, request: Lookup) -> tuple[RequestKey, range | tuple[int], list[list[ObjectKey]]]:
+        """The request's key (checked), the ranks it asks for, and each chunk's keys, one per rank."""
+        key = request.key
+        check_key(key, self.settings.limits, self.chunk_size, needs_rank=False)
+        n_chunks = effective_end(key) // self.chunk_size
+        hashes = self.sessions.hashes(key, n_chunks * self.chunk_size)
+        ranks = range(key.world_size) if key.rank is None else (key.rank,)
+        model, world, salt = key.model, key.world_size, key.cache_salt
+        return key, ranks, [[ObjectKey(model, world, r, h, salt) for r in ranks] for h in hashes]
 
     def _lease(self, key: RequestKey, hits: list[tuple[int, Entry]]) -> None:
         if not key.request_id:

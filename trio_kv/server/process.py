@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import time
+from typing import Any
 
 import pynng
 import trio
@@ -27,6 +28,7 @@ from ..core.peers import Peer
 from ..core.quotas import L1_TIER, QuotaBook
 from ..core.tiering import Tiering, TieringSettings
 from ..errors import ErrorCode, TrioKVError, single_cause
+from ..msgpack_peek import head_kind
 from ..protocol import (
     PROTOCOL_VERSION,
     Clear,
@@ -56,6 +58,9 @@ from .http import start_admin
 from .metrics import ServerMetrics
 from .ratelog import RateLimitedLog
 from .transport import RawListener, open_raw_rep
+
+# Request kinds (tags) handle_now may answer on the listener's task.
+_ANSWERED_NOW = frozenset({"lookup", "ping"})
 
 log = logging.getLogger(__name__)
 
@@ -313,7 +318,10 @@ class Server:
         async def handle(buf: bytes, pipe_id: int) -> bytes:
             return await self.handle(buf, peer_by_id(pipe_id, url))
 
-        listener = RawListener(sock, handle, workers=self.config.workers)
+        def handle_now(buf: bytes, pipe_id: int) -> bytes | None:
+            return self.handle_now(buf, peer_by_id(pipe_id, url))
+
+        listener = RawListener(sock, handle, workers=self.config.workers, handle_now=handle_now)
         self.listeners.append(listener)
         await listener.serve()
 
@@ -353,6 +361,42 @@ class Server:
             engine.requests_in_flight -= 1
             if engine.requests_in_flight == 0:
                 self._idle.set()
+        return self._answer(request, reply, started)
+
+    def handle_now(self, buf: bytes, peer: Peer | None = None) -> bytes | None:
+        """``handle``'s reply where it needs no wait: a Ping, or a Lookup of chunks L1 holds
+        with none in flight and no L2 to ask (``CacheEngine.lookup_now``). None where it
+        would wait or is not one of those (nothing was done; ``handle`` answers it). The
+        listener calls this on the loop's own task, so such a request costs no task switch,
+        no channel and no cancel scope, and many are answered per wake-up."""
+        if self.draining or head_kind(buf) not in _ANSWERED_NOW:
+            return None
+        started = time.perf_counter()
+        try:
+            request = decode_request(buf, self.config.max_message_bytes)
+        except TrioKVError:
+            return None  # handle refuses it (and logs the bad frame)
+        if peer is not None and not peer.authenticated and type(request) is not Ping:
+            return None
+        reply: Any
+        try:
+            if type(request) is Lookup:
+                reply = self.engine.lookup_now(request, peer)
+                if reply is None:
+                    return None
+            elif type(request) is Ping:
+                reply = Pong()
+            else:
+                return None
+        except TrioKVError as exc:
+            reply = error_reply(exc)
+        except Exception as exc:
+            log.exception("internal error while handling a request")
+            reply = error_reply(TrioKVError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"))
+        return self._answer(request, reply, started)
+
+    def _answer(self, request: Any, reply: Any, started: float) -> bytes:
+        """Count the answered request in the metrics and encode its reply."""
         try:
             self.metrics.record_request(request, reply, time.perf_counter() - started)
         except Exception:  # a metrics bug must not cost the client its reply

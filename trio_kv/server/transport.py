@@ -3,7 +3,9 @@
 Each listen URL is one *raw* Rep0 socket. nng signals a received message on the socket's
 ``recv_fd`` (a pipe it writes from its own threads, in C); the Trio thread waits for that fd
 to be readable, then takes every queued message with non-blocking ``nng_recvmsg`` calls and
-hands each to one of ``workers`` handler tasks. A reply goes back in the request's own
+answers each one that ``handle_now`` can answer without waiting (on this task: no task
+switch, no channel; ``ANSWERED_PER_CHECKPOINT`` at most between checkpoints) and hands the
+rest to one of ``workers`` handler tasks. A reply goes back in the request's own
 message (nng keeps the routing header; only the body is replaced) through ``nng_send_aio``
 on an aio with no callback (``SendAios``): the Trio thread starts the send and goes on, nng's
 threads finish it, and the aio is reused once nng is done with it. (``nng_sendmsg``, even
@@ -32,6 +34,11 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[bytes, int], Awaitable[bytes]]
 """``handler(request bytes, pipe id) -> reply bytes``; never raises but Cancelled."""
+HandlerNow = Callable[[bytes, int], "bytes | None"]
+"""``handle_now(request bytes, pipe id) -> reply bytes``, or None: ``handler`` must answer it."""
+
+# Requests answered on the receiving task before it lets other tasks run.
+ANSWERED_PER_CHECKPOINT = 16
 
 
 def set_nng_task_threads(threads: int) -> bool:
@@ -81,9 +88,18 @@ class RawMessage:
 class RawListener:
     """Serve one raw Rep0 socket from the Trio thread (see the module docstring)."""
 
-    def __init__(self, sock: pynng.Rep0, handler: Handler, *, workers: int, max_sends: int = 4096) -> None:
+    def __init__(
+        self,
+        sock: pynng.Rep0,
+        handler: Handler,
+        *,
+        workers: int,
+        handle_now: HandlerNow | None = None,
+        max_sends: int = 4096,
+    ) -> None:
         self._sock = sock
         self._handler = handler
+        self._handle_now = handle_now
         self._workers = workers
         self._msg_p = ffi.new("nng_msg **")
         self._sends = SendAios(sock, max_sends)
@@ -119,22 +135,44 @@ class RawListener:
             fd = self._sock.recv_fd
         except pynng.Closed:
             return
+        answered = 0
         while True:
             try:
                 message = self._try_receive()
             except pynng.Closed:
                 return
             if message is None:
+                answered = 0
                 try:
                     await trio.lowlevel.wait_readable(fd)
                 except (trio.ClosedResourceError, OSError):
                     return  # the socket (and its fd) closed under us
+                continue
+            if self._answer_now(message):
+                answered += 1
+                if answered >= ANSWERED_PER_CHECKPOINT:  # let the rest of the loop run
+                    answered = 0
+                    await trio.lowlevel.checkpoint()
                 continue
             try:
                 await send.send(message)  # waits while every worker is busy: back-pressure
             except BaseException:
                 message.free()
                 raise
+
+    def _answer_now(self, message: RawMessage) -> bool:
+        """Reply to ``message`` here if ``handle_now`` can; False: a worker must."""
+        if self._handle_now is None:
+            return False
+        try:
+            reply = self._handle_now(message.body, message.pipe_id)
+        except Exception:
+            log.exception("handle_now failed; a worker answers the request")
+            return False
+        if reply is None:
+            return False
+        self._sends.send(message.into_reply(reply))
+        return True
 
     async def _work(self, receive: trio.MemoryReceiveChannel[RawMessage]) -> None:
         async for message in receive:
