@@ -8,11 +8,8 @@ task is cancelled and ipc:// socket files are removed.
 
 from __future__ import annotations
 
-import contextlib
 import hmac
 import logging
-import os
-import socket
 import time
 from typing import Any
 
@@ -57,7 +54,7 @@ from .dispatch import Dispatcher, WithPeer, asynchronous
 from .http import start_admin
 from .metrics import ServerMetrics
 from .ratelog import RateLimitedLog
-from .transport import RawListener, open_raw_rep
+from .transport import ListenSockets, RawListener, ipc_path, open_raw_rep
 
 # Request kinds (tags) handle_now may answer on the listener's task.
 _ANSWERED_NOW = frozenset({"lookup", "ping"})
@@ -81,28 +78,6 @@ async def _start_tier(nursery: trio.Nursery, l2: L2Tier, spec: str) -> None:
         if isinstance(cause, StoreMissing):
             raise ConfigError(f"--l2 {spec}: {cause}") from None
         raise
-
-
-def ipc_path(url: str) -> str | None:
-    return url[len("ipc://") :] if url.startswith("ipc://") else None
-
-
-def _remove_stale_socket(path: str) -> None:
-    """Unlink a socket file nobody listens on; refuse to steal one a live server holds."""
-    if not os.path.exists(path):
-        return
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        os.unlink(path)
-        log.info("removed stale socket file %s", path)
-        return
-    except OSError as exc:
-        raise RuntimeError(f"{path} exists and is not a usable socket: {exc}") from exc
-    finally:
-        probe.close()
-    raise RuntimeError(f"another server is already listening on ipc://{path}")
 
 
 class Server:
@@ -176,8 +151,7 @@ class Server:
         self.draining = False
         self._idle = trio.Event()
         self._idle.set()
-        self._sockets: list[pynng.Rep0] = []
-        self._socket_files: list[str] = []
+        self._sockets = ListenSockets()
         self._cancel_scope: trio.CancelScope | None = None
         self._bad_frames = RateLimitedLog(log)  # one line per 10 s, whatever a client sends
         # A registration lives as long as the connection that made it.
@@ -251,7 +225,7 @@ class Server:
                 )
                 task_status.started(self)
         finally:
-            self._close_sockets()
+            self._sockets.close()
             self._save_quotas()
             with trio.CancelScope(shield=True):  # bounded: close what is still mapped
                 await self.engine.aclose()
@@ -264,38 +238,20 @@ class Server:
             log.error("quota changes not saved to %s: %s", self.quotas.path, exc)
 
     def _listen(self, url: str) -> pynng.Rep0:
-        path = ipc_path(url)
-        if path is not None:
-            _remove_stale_socket(path)
         # A reply that cannot be handed to its pipe within the send timeout is dropped, so a
         # peer that never reads cannot hold a worker context.
         sock = open_raw_rep(
             recv_max_size=self.config.max_message_bytes * _RECV_SLACK, send_timeout=_SEND_TIMEOUT_MS
         )
-        self._sockets.append(sock)
-        # ipc:// peers are who the socket file's mode lets in; tcp:// peers say the data token.
-        self.connections.attach(sock, url, needs_token=path is None and bool(self.config.data_token))
-        mode = self.config.socket_permissions()
-        # The socket file is born with the final mode (umask), so it is never open to others.
-        previous_umask = os.umask(0o777 & ~mode)
         try:
-            sock.listen(url)
-        finally:
-            os.umask(previous_umask)
-        if path is not None:
-            self._socket_files.append(path)
-            os.chmod(path, mode)
-        return sock
-
-    def _close_sockets(self) -> None:
-        for sock in self._sockets:
+            # ipc:// peers are who the socket file's mode lets in; tcp:// peers say the data token.
+            token = ipc_path(url) is None and bool(self.config.data_token)
+            self.connections.attach(sock, url, needs_token=token)
+            self._sockets.listen(sock, url, self.config.socket_permissions())
+        except BaseException:
             sock.close()
-        self._sockets.clear()
-        # Only files this server created: a refused start must not unlink a live server's socket.
-        for path in self._socket_files:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-        self._socket_files.clear()
+            raise
+        return sock
 
     async def wait_idle(self) -> None:
         """Return once no request is being handled."""

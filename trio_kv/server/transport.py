@@ -22,7 +22,10 @@ docs/benchmarks.md#hot-path.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
+import os
+import socket
 from collections.abc import Awaitable, Callable
 
 import pynng
@@ -53,6 +56,62 @@ def set_nng_task_threads(threads: int) -> bool:
     lib.nng_init_set_parameter(lib.NNG_INIT_NUM_TASK_THREADS, threads)
     lib.nng_init_set_parameter(lib.NNG_INIT_MAX_TASK_THREADS, threads)
     return True
+
+
+def ipc_path(url: str) -> str | None:
+    return url[len("ipc://") :] if url.startswith("ipc://") else None
+
+
+def remove_stale_socket(path: str) -> None:
+    """Unlink a socket file nobody listens on; refuse to steal one a live server holds."""
+    if not os.path.exists(path):
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)
+        log.info("removed stale socket file %s", path)
+        return
+    except OSError as exc:
+        raise RuntimeError(f"{path} exists and is not a usable socket: {exc}") from exc
+    finally:
+        probe.close()
+    raise RuntimeError(f"another server is already listening on ipc://{path}")
+
+
+class ListenSockets:
+    """The listening sockets of one server and the socket files it created."""
+
+    def __init__(self) -> None:
+        self._sockets: list[pynng.Socket] = []
+        self._files: list[str] = []
+
+    def listen(self, sock: pynng.Socket, url: str, mode: int) -> None:
+        """``sock`` listens on ``url``; an ipc:// socket file is born with ``mode`` (umask), so
+        it is never open to others, and a stale one nobody listens on is replaced."""
+        path = ipc_path(url)
+        if path is not None:
+            remove_stale_socket(path)
+        previous_umask = os.umask(0o777 & ~mode)
+        try:
+            sock.listen(url)
+        finally:
+            os.umask(previous_umask)
+        self._sockets.append(sock)
+        if path is not None:
+            self._files.append(path)
+            os.chmod(path, mode)
+
+    def close(self) -> None:
+        for sock in self._sockets:
+            sock.close()
+        self._sockets.clear()
+        # Only files this server created: a refused start must not unlink a live server's socket.
+        for path in self._files:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        self._files.clear()
 
 
 def open_raw_rep(**options: object) -> pynng.Rep0:
