@@ -33,7 +33,7 @@ def key(n: int, salt: str = "") -> ObjectKey:
 
 
 def entry(n: int, salt: str = "") -> Entry:
-    return Entry(key(n, salt), n * CHUNK, CHUNK, CHUNK)
+    return Entry(key(n, salt), n * CHUNK, CHUNK)
 
 
 # ---------------------------------------------------------------- EvictionOrder, focused
@@ -136,7 +136,7 @@ def test_an_entry_repr_does_not_follow_its_links():
     first, second = entry(1), entry(2)
     order.push(first)
     order.push(second)
-    assert repr(first) == "Entry(writing, offset=4096, size=4096, leases=0, readers=0)"
+    assert repr(first) == "Entry(writing, offset=4096, nbytes=4096, leases=0, readers=0)"
 
 
 # ---------------------------------------------------------------- EvictionOrder vs a model

@@ -20,7 +20,7 @@ def audit_l1(l1: L1Store, leases: LeaseTable) -> list[str]:
     entries = l1.entries()
     recount: dict[str, int] = {}
     for entry in entries:
-        recount[entry.key.cache_salt] = recount.get(entry.key.cache_salt, 0) + entry.size
+        recount[entry.key.cache_salt] = recount.get(entry.key.cache_salt, 0) + l1.size_of(entry)
     if dict(l1.ledger.bytes_by_salt) != recount:
         problems.append(f"ledger by salt {dict(l1.ledger.bytes_by_salt)} != recount {recount}")
     if l1.ledger.total != sum(recount.values()):

@@ -126,7 +126,12 @@ class L1Store:
 
     def allocations(self) -> dict[int, int]:
         """Offset -> size of every extent the entries hold (for audits; the allocator keeps none)."""
-        return {entry.offset: entry.size for entry in self.entries()}
+        return {entry.offset: self.size_of(entry) for entry in self.entries()}
+
+    def size_of(self, entry: Entry) -> int:
+        """The bytes ``entry`` takes in the arena (its payload, aligned). Not kept per entry:
+        it follows from ``nbytes`` and the alignment."""
+        return self.allocator.rounded(entry.nbytes)
 
     def is_doomed(self, entry: Entry) -> bool:
         """Cleared while pinned or half-written: out of the index, bytes still held."""
@@ -140,7 +145,7 @@ class L1Store:
         if key in self._entries:
             raise KeyError(f"{key} is already present")
         salt = key.cache_salt
-        size = self._shared_size(self.allocator.rounded(nbytes))
+        size = self.allocator.rounded(nbytes)
         limit = self.quota(salt) if self.quota is not None else None
         if limit is not None:
             while self.ledger.salt_bytes(salt) + size > limit:
@@ -155,7 +160,7 @@ class L1Store:
             offset = self.allocator.allocate(size)
         if offset is None:
             return self._refuse(Refusal.CAPACITY)
-        entry = Entry(key, offset, size, self._shared_size(nbytes))
+        entry = Entry(key, offset, self._shared_size(nbytes))
         self._entries[key] = entry
         self.ledger.charge(salt, size)
         if self.allocator.used > self.high_watermark * self.capacity:
@@ -272,7 +277,7 @@ class L1Store:
                 self._evictable.remove(entry)
                 self._doomed.add(entry)
             else:
-                freed += entry.size
+                freed += self.size_of(entry)
                 self._free(entry)
         return removed, freed
 
@@ -299,6 +304,7 @@ class L1Store:
         self._release_bytes(entry)
 
     def _release_bytes(self, entry: Entry) -> None:
-        self.allocator.free(entry.offset, entry.size)
-        self.ledger.release(entry.key.cache_salt, entry.size)
+        size = self.size_of(entry)
+        self.allocator.free(entry.offset, size)
+        self.ledger.release(entry.key.cache_salt, size)
         entry.state = EntryState.FREED

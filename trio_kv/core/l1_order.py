@@ -31,8 +31,7 @@ class Entry(msgspec.Struct, gc=False, eq=False):
 
     key: ObjectKey
     offset: int
-    size: int  # bytes taken in the arena (aligned)
-    nbytes: int  # payload bytes
+    nbytes: int  # payload bytes; the arena takes them rounded up (``L1Store.size_of``)
     # The fingerprint of the KV layout that stored the bytes ("" unknown: an L2 object
     # written before objects carried one); retrieves by another layout miss.
     layout: str = ""
@@ -52,7 +51,7 @@ class Entry(msgspec.Struct, gc=False, eq=False):
     def __repr__(self) -> str:
         # Not the generated repr: it would follow the links through the whole order.
         return (
-            f"Entry({self.state.value}, offset={self.offset}, size={self.size}, "
+            f"Entry({self.state.value}, offset={self.offset}, nbytes={self.nbytes}, "
             f"leases={self.leases}, readers={self.readers})"
         )
 
