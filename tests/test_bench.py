@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -15,12 +16,14 @@ from trio_kv.client import BlockingClient
 from trio_kv.export.shm import create_shared_kv_cache
 from trio_kv.testing import make_kv_cache, running_server
 from trio_kv.tools import bench_cpu
+from trio_kv.tools.bench_memcpy import chunk_buffers, memcpy_seconds
 from trio_kv.transfer.cpu import CopyJob, CpuTransfer
 
 REQUIRED_FIGURES = (
     "store_gbps",
     "retrieve_gbps",
     "memcpy_gbps",
+    "memcpy_hot_gbps",
     "store_ratio",
     "retrieve_ratio",
     "lookup_p50_us",
@@ -57,6 +60,18 @@ def test_bench_cpu_json_reports_every_figure_with_ratios_of_the_figures(capsys):
     assert isinstance(report["missed"], list)
     assert report["verified"] is True
     assert report["chunk_bytes"] == 2 * 2 * 256 * 8 * 128 * 2  # K and V, 2 layers, 256 tokens, bf16
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_the_memcpy_reference_copies_each_distinct_source_into_its_own_target(threads):
+    sources, targets = chunk_buffers(3, 1001)  # not a multiple of threads
+    for number, source in enumerate(sources):
+        source.copy_(torch.randint(0, 256, source.shape, dtype=torch.uint8))
+        assert not torch.equal(source, targets[number])
+    with ThreadPoolExecutor(threads) as pool:
+        assert memcpy_seconds(pool, threads, sources, targets) > 0
+    assert all(torch.equal(source, target) for source, target in zip(sources, targets, strict=True))
+    assert len({source.data_ptr() for source in sources} | {target.data_ptr() for target in targets}) == 6
 
 
 @pytest.mark.parametrize("layout", ["per_layer", "cross_layer"])

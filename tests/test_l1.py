@@ -233,3 +233,41 @@ def test_an_evicted_or_cleared_entry_cannot_be_pinned_again():
         l1.pin_reader(gone)
     with pytest.raises(ValueError, match="live"):
         l1.add_lease(gone)
+
+
+def test_committing_or_aborting_a_freed_reservation_raises_and_changes_nothing():
+    l1 = L1Store(4 * CHUNK)
+    aborted = l1.reserve(key(1), CHUNK)
+    l1.abort(aborted)
+    taker = ready(l1, 2)  # takes the bytes the aborted reservation had
+    assert taker.offset == aborted.offset
+    for settle in (l1.commit, l1.abort):
+        with pytest.raises(ValueError):
+            settle(aborted)
+    assert l1.eviction_order() == [taker]
+    assert l1.allocator.used == l1.ledger.total == CHUNK
+
+
+def test_a_reservation_of_another_store_cannot_be_committed_here():
+    here, there = L1Store(4 * CHUNK), L1Store(4 * CHUNK)
+    stranger = there.reserve(key(1), CHUNK)
+    with pytest.raises(ValueError, match="does not hold"):
+        here.commit(stranger)
+    assert len(here) == 0 and here.eviction_order() == []
+
+
+def test_allocations_are_recounted_from_the_entries_and_doomed_ones():
+    l1 = L1Store(4 * CHUNK)
+    first = ready(l1, 1)
+    written = l1.reserve(key(2), 2 * CHUNK)
+    l1.clear()  # the half-written one is doomed: it keeps its bytes
+    assert l1.allocations() == {written.offset: 2 * CHUNK}
+    assert first.state is EntryState.FREED
+
+
+def test_entries_of_one_chunk_size_share_one_size_object():
+    l1 = L1Store(4 * CHUNK)
+    # Sizes computed per request, as the engine does: equal values, distinct objects.
+    a, b = (l1.reserve(key(n), int(str(CHUNK + 1))) for n in (1, 2))
+    assert a.nbytes is b.nbytes
+    assert l1.size_of(a) == l1.size_of(b) == 2 * CHUNK

@@ -266,14 +266,19 @@ async def test_a_lookup_cancelled_while_loading_hands_its_loads_over_and_leaks_n
             await trio.testing.wait_all_tasks_blocked()
             assert len(r.l1) == 4  # reservations taken, loads stuck
             nursery.cancel_scope.cancel()
-        # The loads outlive the cancelled lookup and still own their reservations.
+        # The loads outlive the cancelled lookup and still own their reservations: the
+        # lookup did not free them under the loads' feet.
+        assert len(r.l1) == 4
         assert all(e.state.value == "writing" for e in r.l1.entries())
         r.adapters[0].unstall()
         await trio.testing.wait_all_tasks_blocked()
         # They arrived late: kept as ordinary cached chunks, leased to nobody.
-        assert all(e.state.value == "ready" and not e.pinned for e in r.l1.entries())
+        assert [r.l1.get_ready(k) is not None for k in r.object_keys(4)] == [True] * 4
+        assert all(not e.pinned for e in r.l1.entries())
         assert r.tiering.counters(r.l2_tiers[0]).load_timeouts == 4
         r.assert_clean(leases_allowed=False)
+        again = await r.lookup()
+        assert (again.l1_chunks, again.l2_chunks) == (4, 0)
 
 
 async def test_a_hung_load_is_abandoned_at_the_deadline_and_kept_when_it_lands(kv, autojump_clock):

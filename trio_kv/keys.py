@@ -45,8 +45,12 @@ class RequestKey(msgspec.Struct, array_like=True, frozen=True):
     cache_salt: str = ""
 
 
-class ObjectKey(msgspec.Struct, frozen=True, cache_hash=True):
-    """The unit of storage: one chunk of one rank."""
+class ObjectKey(msgspec.Struct, frozen=True, gc=False):
+    """The unit of storage: one chunk of one rank.
+
+    L1 keeps one per cached chunk, so it is lean: untracked by the cycle collector (its
+    fields are scalars) and without ``cache_hash``, which would keep a hidden hash int of
+    ~36 bytes per key to spare rehashing a key that is mostly hashed once or twice."""
 
     model: str
     world_size: int

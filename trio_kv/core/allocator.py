@@ -2,6 +2,10 @@
 
 Pure bookkeeping of offsets; it never touches memory. Every allocation is
 aligned to ``alignment`` bytes (4096 by default, enough for O_DIRECT).
+
+It keeps only the free extents: whoever allocates remembers the offset and the size
+(L1 keeps both in its entries anyway), and hands both back to ``free``. A free that
+overlaps free space (a double free, a wrong size) is refused.
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ class ExtentAllocator:
         self.alignment = alignment
         self.capacity = capacity // alignment * alignment
         self.used = 0
-        self._allocated: dict[int, int] = {}
         self._free_offsets: list[int] = []  # sorted
         self._free_size: dict[int, int] = {}
         self._by_size: dict[int, set[int]] = {}
@@ -55,18 +58,23 @@ class ExtentAllocator:
             self._remove_free(offset)
             if extent > size:
                 self._add_free(offset + size, extent - size)
-        self._allocated[offset] = size
         self.used += size
         return offset
 
-    def free(self, offset: int) -> int:
-        """Return an extent; coalesces with free neighbours. Returns the bytes freed."""
-        size = self._allocated.pop(offset, None)
-        if size is None:
-            raise ValueError(f"offset {offset} is not allocated")
-        self.used -= size
+    def free(self, offset: int, nbytes: int) -> int:
+        """Return the extent ``allocate(nbytes)`` gave at ``offset``; coalesces with free
+        neighbours. Returns the bytes freed. Raises ValueError, changing nothing, if the
+        extent is outside the arena, misaligned, or overlaps free space."""
+        size = self.rounded(nbytes)
         start, end = offset, offset + size
+        if offset < 0 or offset % self.alignment or end > self.capacity:
+            raise ValueError(f"extent [{start}, {end}) is not an allocation of this arena")
         index = bisect.bisect_left(self._free_offsets, offset)
+        after_free = index < len(self._free_offsets) and self._free_offsets[index] < end
+        before = self._free_offsets[index - 1] if index > 0 else None
+        if after_free or (before is not None and before + self._free_size[before] > start):
+            raise ValueError(f"extent [{start}, {end}) is not wholly allocated")
+        self.used -= size
         if index < len(self._free_offsets) and self._free_offsets[index] == end:
             end += self._free_size[end]
             self._remove_free(self._free_offsets[index])
@@ -77,12 +85,6 @@ class ExtentAllocator:
                 self._remove_free(prev)
         self._add_free(start, end - start)
         return size
-
-    def size_of(self, offset: int) -> int:
-        return self._allocated[offset]
-
-    def allocations(self) -> dict[int, int]:
-        return dict(self._allocated)
 
     def free_extents(self) -> list[tuple[int, int]]:
         return [(o, self._free_size[o]) for o in self._free_offsets]

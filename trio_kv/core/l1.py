@@ -7,14 +7,17 @@ Entry life: ``reserve`` (state WRITING, bytes charged) -> ``commit`` (READY,
 evictable when unpinned) or ``abort`` (freed). Readers and leases pin an entry;
 only READY entries without pins are evicted. ``clear`` frees what it can at
 once and marks pinned or half-written entries *doomed*: they leave the index
-at once and their bytes are freed when the last pin goes.
+at once and their bytes are freed when the last pin goes. A freed entry is dead
+(state FREED): committing, aborting or pinning it is an error.
+
+The entry record and the eviction order (intrusive LRU lists) live in ``l1_order``.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Callable
 
 import torch
@@ -23,9 +26,14 @@ import trio
 from ..keys import ObjectKey
 from .allocator import ExtentAllocator
 from .eviction import POLICIES, choose_victim_salt
+from .l1_order import Entry, EntryState, EvictionOrder
 from .ledger import ByteLedger
 
+__all__ = ["Entry", "EntryState", "L1Store", "Refusal"]
+
 log = logging.getLogger(__name__)
+
+_MAX_SHARED_SIZES = 1024
 
 
 class Refusal(enum.Enum):
@@ -33,38 +41,6 @@ class Refusal(enum.Enum):
 
     QUOTA = "quota"  # the tenant is at its quota and has nothing of its own left to evict
     CAPACITY = "capacity"  # the arena is full of pinned or half-written chunks
-
-
-class EntryState(enum.Enum):
-    WRITING = "writing"
-    READY = "ready"
-
-
-class Entry:
-    __slots__ = ("doomed", "key", "layout", "leases", "nbytes", "offset", "readers", "size", "state")
-
-    def __init__(self, key: ObjectKey, offset: int, size: int, nbytes: int) -> None:
-        self.key = key
-        self.offset = offset
-        self.size = size  # bytes taken in the arena (aligned)
-        self.nbytes = nbytes  # payload bytes
-        # The fingerprint of the KV layout that stored the bytes ("" unknown: an L2 object
-        # written before objects carried one); retrieves by another layout miss.
-        self.layout = ""
-        self.state = EntryState.WRITING
-        self.leases = 0
-        self.readers = 0
-        self.doomed = False
-
-    @property
-    def pinned(self) -> bool:
-        return self.leases > 0 or self.readers > 0
-
-    def __repr__(self) -> str:
-        return (
-            f"Entry({self.state.value}, offset={self.offset}, size={self.size}, "
-            f"leases={self.leases}, readers={self.readers}, doomed={self.doomed})"
-        )
 
 
 class L1Store:
@@ -97,8 +73,9 @@ class L1Store:
         self.high_watermark = high_watermark
         self.low_watermark = low_watermark
         self._entries: dict[ObjectKey, Entry] = {}
-        self._evictable: OrderedDict[ObjectKey, Entry] = OrderedDict()  # least recent first
-        self._evictable_by_salt: dict[str, OrderedDict[ObjectKey, Entry]] = {}
+        self._evictable = EvictionOrder()
+        # One int object per distinct size, shared by the entries (a few chunk sizes in practice).
+        self._sizes: dict[int, int] = {}
         self.policy = policy
         self.quota = quota
         self._doomed: set[Entry] = set()
@@ -131,18 +108,34 @@ class L1Store:
         return self._arena_bytes[entry.offset : entry.offset + entry.nbytes]
 
     def order_problems(self) -> list[str]:
-        """Inconsistencies between the global and per-salt eviction orders (for audits)."""
-        per_salt = {key for bucket in self._evictable_by_salt.values() for key in bucket}
-        problems = []
-        if per_salt != set(self._evictable):
-            problems.append("the global and per-salt eviction orders disagree")
-        if any(e.pinned or e.state is not EntryState.READY for e in self._evictable.values()):
+        """Inconsistencies of the eviction order, or between it and the index (for audits)."""
+        problems = self._evictable.problems()
+        if any(e.pinned or e.state is not EntryState.READY for e in self._evictable):
             problems.append("a pinned or half-written entry is evictable")
+        if any(self._entries.get(e.key) is not e for e in self._evictable):
+            problems.append("an evictable entry is not in the index")
         return problems
 
     def entries(self) -> list[Entry]:
         """Every live entry plus doomed ones still holding bytes (for audits)."""
         return [*self._entries.values(), *self._doomed]
+
+    def eviction_order(self, salt: str | None = None) -> list[Entry]:
+        """The evictable entries (of ``salt``, or all), least recent first (for audits)."""
+        return list(self._evictable if salt is None else self._evictable.of_salt(salt))
+
+    def allocations(self) -> dict[int, int]:
+        """Offset -> size of every extent the entries hold (for audits; the allocator keeps none)."""
+        return {entry.offset: self.size_of(entry) for entry in self.entries()}
+
+    def size_of(self, entry: Entry) -> int:
+        """The bytes ``entry`` takes in the arena (its payload, aligned). Not kept per entry:
+        it follows from ``nbytes`` and the alignment."""
+        return self.allocator.rounded(entry.nbytes)
+
+    def is_doomed(self, entry: Entry) -> bool:
+        """Cleared while pinned or half-written: out of the index, bytes still held."""
+        return entry in self._doomed
 
     # ------------------------------------------------------------ writing
 
@@ -156,7 +149,7 @@ class L1Store:
         limit = self.quota(salt) if self.quota is not None else None
         if limit is not None:
             while self.ledger.salt_bytes(salt) + size > limit:
-                if size > limit or not self._evictable_by_salt.get(salt):
+                if size > limit or self._evictable.oldest(salt) is None:
                     return self._refuse(Refusal.QUOTA)
                 self._evict_one("quota", salt)
         if size > self.capacity:
@@ -167,43 +160,57 @@ class L1Store:
             offset = self.allocator.allocate(size)
         if offset is None:
             return self._refuse(Refusal.CAPACITY)
-        entry = Entry(key, offset, size, nbytes)
+        entry = Entry(key, offset, self._shared_size(nbytes))
         self._entries[key] = entry
         self.ledger.charge(salt, size)
         if self.allocator.used > self.high_watermark * self.capacity:
             self._watermark_wakeup.set()
         return entry
 
+    def _shared_size(self, size: int) -> int:
+        shared = self._sizes.get(size)
+        if shared is not None:
+            return shared
+        if len(self._sizes) < _MAX_SHARED_SIZES:  # odd sizes past the bound just go unshared
+            self._sizes[size] = size
+        return size
+
     def _refuse(self, reason: Refusal) -> Refusal:
         self.refusals[reason] += 1
         return reason
 
     def commit(self, entry: Entry) -> None:
-        """WRITING -> READY. A doomed entry is freed instead."""
-        if entry.state is not EntryState.WRITING:
-            raise ValueError(f"commit of an entry that is not being written: {entry}")
+        """WRITING -> READY. A doomed entry is freed instead. Raises ValueError for an entry
+        that is not a reservation of this store (already settled, or unknown)."""
+        doomed = self._check_reservation(entry, "commit")
         entry.state = EntryState.READY
-        if entry.doomed:
+        if doomed:
             self._release_doomed(entry)
         else:
-            self._add_evictable(entry)
+            self._evictable.push(entry)
 
     def abort(self, entry: Entry) -> None:
-        """Free a reservation whose copy failed or was cancelled."""
-        if entry.state is not EntryState.WRITING:
-            raise ValueError(f"abort of an entry that is not being written: {entry}")
-        if entry.doomed:
+        """Free a reservation whose copy failed or was cancelled. Raises ValueError like ``commit``."""
+        if self._check_reservation(entry, "abort"):
             self._release_doomed(entry)
         else:
             self._free(entry)
+
+    def _check_reservation(self, entry: Entry, action: str) -> bool:
+        """Whether the reservation ``entry`` is doomed; ValueError if it is not one of ours."""
+        if entry.state is not EntryState.WRITING:
+            raise ValueError(f"{action} of an entry that is not being written: {entry}")
+        if self._entries.get(entry.key) is entry:
+            return False
+        if entry in self._doomed:
+            return True
+        raise ValueError(f"{action} of a reservation this store does not hold: {entry}")
 
     # ------------------------------------------------------------ pins
 
     def touch(self, entry: Entry) -> None:
         """Mark as most recently used."""
-        if self._evictable.get(entry.key) is entry:
-            self._evictable.move_to_end(entry.key)
-            self._evictable_by_salt[entry.key.cache_salt].move_to_end(entry.key)
+        self._evictable.touch(entry)
 
     def pin_reader(self, entry: Entry) -> None:
         self._pin(entry)
@@ -226,20 +233,20 @@ class L1Store:
         self._after_unpin(entry)
 
     def _pin(self, entry: Entry) -> None:
-        if entry.state is not EntryState.READY:
-            raise ValueError(f"only ready entries can be pinned: {entry}")
         if self._entries.get(entry.key) is not entry:
             # Evicted or cleared: its bytes may already belong to another chunk.
             raise ValueError(f"only live entries can be pinned: {entry}")
-        self._remove_evictable(entry)
+        if entry.state is not EntryState.READY:
+            raise ValueError(f"only ready entries can be pinned: {entry}")
+        self._evictable.remove(entry)
 
     def _after_unpin(self, entry: Entry) -> None:
         if entry.pinned:
             return
-        if entry.doomed:
+        if self._entries.get(entry.key) is entry:
+            self._evictable.push(entry)  # just used: most recent
+        elif entry in self._doomed:
             self._release_doomed(entry)
-        elif self._entries.get(entry.key) is entry:
-            self._add_evictable(entry)  # just used: most recent
 
     # ------------------------------------------------------------ eviction
 
@@ -267,11 +274,10 @@ class L1Store:
             removed += 1
             if entry.state is EntryState.WRITING or entry.readers > 0:
                 del self._entries[key]
-                self._remove_evictable(entry)
-                entry.doomed = True
+                self._evictable.remove(entry)
                 self._doomed.add(entry)
             else:
-                freed += entry.size
+                freed += self.size_of(entry)
                 self._free(entry)
         return removed, freed
 
@@ -279,30 +285,18 @@ class L1Store:
         """Evict one chunk: ``salt``'s least recent, or the policy's choice."""
         if salt is None and self.policy == "isolated":
             salt = choose_victim_salt(
-                self._evictable_by_salt, self.ledger.bytes_by_salt, self.capacity, self.quota
+                self._evictable.salts(), self.ledger.bytes_by_salt, self.capacity, self.quota
             )
-        lru = self._evictable if salt is None else self._evictable_by_salt[salt]
-        entry = next(iter(lru.values()))  # _free below unlinks it from both orders
+        entry = self._evictable.oldest(salt)
+        if entry is None:
+            raise RuntimeError(f"nothing evictable (salt {salt!r})")
         self.evictions += 1
         self.evictions_by_reason[reason] += 1
         self._free(entry)
 
-    def _add_evictable(self, entry: Entry) -> None:
-        self._evictable[entry.key] = entry
-        self._evictable_by_salt.setdefault(entry.key.cache_salt, OrderedDict())[entry.key] = entry
-
-    def _remove_evictable(self, entry: Entry) -> None:
-        if self._evictable.get(entry.key) is not entry:
-            return
-        del self._evictable[entry.key]
-        bucket = self._evictable_by_salt[entry.key.cache_salt]
-        del bucket[entry.key]
-        if not bucket:
-            del self._evictable_by_salt[entry.key.cache_salt]
-
     def _free(self, entry: Entry) -> None:
         del self._entries[entry.key]
-        self._remove_evictable(entry)
+        self._evictable.remove(entry)
         self._release_bytes(entry)
 
     def _release_doomed(self, entry: Entry) -> None:
@@ -310,5 +304,7 @@ class L1Store:
         self._release_bytes(entry)
 
     def _release_bytes(self, entry: Entry) -> None:
-        self.allocator.free(entry.offset)
-        self.ledger.release(entry.key.cache_salt, entry.size)
+        size = self.size_of(entry)
+        self.allocator.free(entry.offset, size)
+        self.ledger.release(entry.key.cache_salt, size)
+        entry.state = EntryState.FREED

@@ -26,6 +26,7 @@ drops, never the event loop (queued chunks hold at most ``queue_size`` chunks of
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Sequence
 
 import msgspec
@@ -158,7 +159,8 @@ class Tiering:
         """Bring the longest loadable prefix of ``chunk_keys`` (one list of rank keys per
         chunk) into L1. Keys already ready in L1 count as held. ``before`` holds the rank
         keys of the chunk before the first (None if the first is chunk 0). On failure or
-        cancellation every reservation is freed and every pin released."""
+        cancellation every pin is released and every reservation freed but those of loads
+        still running, which settle their own when they return."""
         result = Prefetched(self.l1)
         previous = [before, *chunk_keys[:-1]]
         predecessor_of = {
@@ -177,9 +179,7 @@ class Tiering:
                 if planned is None:
                     break
                 plan.append(planned)
-            loaded, abandoned = await self._load_all(reserved, predecessor_of)
-            # Abandoned loads own their reservations now; the rest are ours to settle.
-            reserved = [(e, t) for e, t in reserved if e not in abandoned]
+            loaded = await self._load_all(reserved, predecessor_of)
             for entry, tier in reserved:
                 if entry in loaded:
                     self.l1.commit(entry)
@@ -281,11 +281,14 @@ class Tiering:
         self,
         reserved: list[tuple[Entry, TierWriter]],
         predecessor_of: dict[ObjectKey, ObjectKey | None],
-    ) -> tuple[set[Entry], set[Entry]]:
-        """Load every reservation; returns (entries loaded, entries abandoned at the deadline)."""
+    ) -> set[Entry]:
+        """Load every reservation; returns the entries loaded. A load still running at the
+        deadline, or when the caller is cancelled, is abandoned: it settles its reservation
+        itself, which leaves ``reserved`` here (even on cancellation) so that the caller,
+        who settles the rest, never frees what a late load still writes into and commits."""
         loads = [_Load(entry, tier, predecessor_of[entry.key]) for entry, tier in reserved]
         if not loads:
-            return set(), set()
+            return set()
         pending = [len(loads)]
         all_done = trio.Event()
         for load in loads:
@@ -299,9 +302,9 @@ class Tiering:
                 if not load.finished:
                     load.abandoned = True
                     load.tier.counters.load_timeouts += 1
-        loaded = {load.entry for load in loads if load.finished and load.hit}
-        abandoned = {load.entry for load in loads if load.abandoned}
-        return loaded, abandoned
+            abandoned = {load.entry for load in loads if load.abandoned}
+            reserved[:] = [(entry, tier) for entry, tier in reserved if entry not in abandoned]
+        return {load.entry for load in loads if load.finished and load.hit}
 
     async def _load(self, load: _Load, pending: list[int], all_done: trio.Event) -> None:
         tier, entry = load.tier, load.entry
@@ -310,7 +313,9 @@ class Tiering:
                 hit = await tier.l2.get_into(entry.key, self.l1.buffer(entry))
             load.hit = hit is not None
             if hit is not None:
-                entry.layout = hit.layout  # a retrieve by another KV layout misses it
+                # A retrieve by another KV layout misses it. Interned: every load decodes a
+                # fresh copy of the same few fingerprints, and L1 keeps one per chunk.
+                entry.layout = sys.intern(hit.layout)
                 tier.counters.loads += 1
             else:
                 tier.counters.load_failures += 1

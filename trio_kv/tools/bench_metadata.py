@@ -1,10 +1,13 @@
 """What L1 holds in Python objects per cached chunk (``metadata_bytes_per_chunk``).
 
 The bench fills a bare ``L1Store`` with ``chunks`` committed entries, made the way a store
-makes them (an ``ObjectKey`` with a 16-byte chained hash, a reservation, a commit), and
-counts the Python memory they take with tracemalloc: the entry, its key and hash, the
-store's maps and eviction order, the allocator's and ledger's records. The arena itself (one
-torch buffer, never touched here) is not Python memory and is not counted.
+makes them (an ``ObjectKey`` with a 16-byte chained hash, a reservation, a commit, the
+cache's layout fingerprint), and counts the Python memory they take with tracemalloc: the
+entry, its key and hash, its offset, the store's index and eviction order, the allocator's
+and ledger's records. The hashes are made before counting starts (their size is added
+back: a store keeps one per chunk). tracemalloc counts the bytes each object asks for, not
+pymalloc's rounding of them to 8 or 16 bytes. The arena itself (one torch buffer, never
+touched here) is not Python memory and is not counted.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Three tables, with ``trio-kv serve`` and the references in processes of their ow
 (``bench_refs``):
 
 - **chunk size** 256 KiB -> 64 MiB: store and retrieve GB/s of one request of 4 chunks, vs a
-  ``memmove`` of the same bytes on the server's copy threads. One server holds a KV cache per
+  ``memmove`` of the same bytes (4 distinct chunks) on the server's copy threads. One server holds a KV cache per
   size (256-token chunks; the size set by the layer and head counts).
 - **clients** 1, 4, 16 processes: lookups/s of a 16-chunk prompt vs echo round trips/s of a
   message as large, and the server's CPU time per lookup.
@@ -30,7 +30,8 @@ from ..client import BlockingClient
 from ..export.shm import SharedKVCache, create_shared_kv_cache
 from ..keys import RequestKey
 from . import bench_refs as refs
-from .bench_cpu import _latency_samples, _memcpy_seconds, _percentile_us
+from .bench_cpu import _latency_samples, _percentile_us
+from .bench_memcpy import chunk_buffers, memcpy_seconds
 from .common import BenchFailed, emit
 
 SIZES = [(256 * 1024, 1, 2), (1 << 20, 1, 8), (4 << 20, 4, 8), (16 << 20, 16, 8), (64 << 20, 64, 8)]
@@ -100,10 +101,7 @@ def _sizes(client: BlockingClient, rounds: int) -> list[SizeRow]:
             with _kv(chunk_bytes, layers, heads) as kv:
                 name = f"size-{chunk_bytes}"
                 client.register_kv_cache(name, kv)
-                source, target = (
-                    torch.ones(chunk_bytes, dtype=torch.uint8),
-                    torch.zeros(chunk_bytes, dtype=torch.uint8),
-                )
+                sources, targets = chunk_buffers(4, chunk_bytes)
                 best = [float("inf")] * 3
                 for round_index in range(rounds + 1):  # round 0 warms up
                     client.clear("")
@@ -116,7 +114,7 @@ def _sizes(client: BlockingClient, rounds: int) -> list[SizeRow]:
                     if client.retrieve(name, key, list(range(64, 128))).chunks_written != 4:
                         raise BenchFailed(f"retrieve of 4 {chunk_bytes}-byte chunks failed")
                     retrieve_s = time.perf_counter() - start
-                    memcpy_s = _memcpy_seconds(pool, 2, 4, source, target)
+                    memcpy_s = memcpy_seconds(pool, 2, sources, targets)
                     if round_index:
                         best = [min(b, s) for b, s in zip(best, (store_s, retrieve_s, memcpy_s), strict=True)]
                 client.unregister(name)

@@ -326,7 +326,9 @@ async def run_soak(seconds: float, *, clients: int = 8, seed: int = 1) -> SoakRe
                 await server.server.wait_idle()
             engine = server.engine
             problems = engine.audit()
-            leaked_bytes = sum(e.size for e in engine.l1.entries() if e.readers or e.state.value != "ready")
+            leaked_bytes = sum(
+                engine.l1.size_of(e) for e in engine.l1.entries() if e.readers or e.state.value != "ready"
+            )
             # Each live registration of a sealed memfd has one task watching its owner: not a leak.
             tasks_after = _count_tasks() - (len(engine.owners) - watches_before)
             counts.rss_samples.append(_rss_mib())
