@@ -26,7 +26,7 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 import pynng
 import trio
@@ -102,6 +102,9 @@ class ListenSockets:
         if path is not None:
             self._files.append(path)
             os.chmod(path, mode)
+
+    def __iter__(self) -> Iterator[pynng.Socket]:
+        return iter(self._sockets)
 
     def close(self) -> None:
         for sock in self._sockets:
