@@ -239,7 +239,4 @@ class InflightChunks:
 
 
 def _touch(l1: L1Store, ready: list[list[Entry]]) -> None:
-    touch = l1.touch
-    for chunk in ready:
-        for entry in chunk:
-            touch(entry)
+    l1.touch_all([entry for chunk in ready for entry in chunk])

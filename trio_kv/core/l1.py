@@ -18,7 +18,7 @@ from __future__ import annotations
 import enum
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import trio
@@ -211,6 +211,10 @@ class L1Store:
     def touch(self, entry: Entry) -> None:
         """Mark as most recently used."""
         self._evictable.touch(entry)
+
+    def touch_all(self, entries: Sequence[Entry]) -> None:
+        """``touch`` each of ``entries``, in order."""
+        self._evictable.touch_all(entries)
 
     def pin_reader(self, entry: Entry) -> None:
         self._pin(entry)
