@@ -161,14 +161,10 @@ class InflightChunks:
     ) -> tuple[list[list[Entry]], Pending | None]:
         """The leading chunks ready for every key, and what a walk waits for at the first that
         is not (None: nothing to wait for, the walk ends there)."""
-        ready: list[list[Entry]] = []
-        get_ready = l1.get_ready
-        for keys in chunk_keys:
-            entries = [e for e in map(get_ready, keys) if e is not None]
-            if len(entries) < len(keys):
-                return ready, self._first_pending(keys, owner)
-            ready.append(entries)
-        return ready, None
+        ready = l1.ready_prefix(chunk_keys)
+        if len(ready) == len(chunk_keys):
+            return ready, None
+        return ready, self._first_pending(chunk_keys[len(ready)], owner)
 
     async def _wait(self, pending: Pending) -> None:
         self.waiting += 1

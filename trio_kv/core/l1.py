@@ -99,6 +99,20 @@ class L1Store:
         entry = self._entries.get(key)
         return entry if entry is not None and entry.state is EntryState.READY else None
 
+    def ready_prefix(self, chunk_keys: Sequence[Sequence[ObjectKey]]) -> list[list[Entry]]:
+        """The entries of the leading chunks whose every key is ready (one lookup's scan)."""
+        get, ready_state = self._entries.get, EntryState.READY
+        ready: list[list[Entry]] = []
+        for keys in chunk_keys:
+            chunk = []
+            for key in keys:
+                entry = get(key)
+                if entry is None or entry.state is not ready_state:
+                    return ready
+                chunk.append(entry)
+            ready.append(chunk)
+        return ready
+
     def view(self, entry: Entry) -> torch.Tensor:
         """The entry's payload bytes in the arena."""
         return self.arena[entry.offset : entry.offset + entry.nbytes]
