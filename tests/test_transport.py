@@ -230,3 +230,38 @@ def test_nng_task_threads_below_two_are_refused():
 
     with pytest.raises(ConfigError, match="nng_task_threads"):
         ServerConfig(nng_task_threads=1).validate()
+
+
+def test_the_loop_asks_for_short_time_slices_and_copy_threads_for_the_default():
+    import threading
+
+    import pytest
+
+    from trio_kv.transfer.sched import set_thread_slice, thread_slice_ns
+
+    before = thread_slice_ns()
+    if before is None or not set_thread_slice(100_000):
+        pytest.skip("this kernel does not report or set a thread's slice")
+    try:
+        assert thread_slice_ns() == 100_000
+        seen = []
+        worker = threading.Thread(target=lambda: (set_thread_slice(0), seen.append(thread_slice_ns())))
+        worker.start()
+        worker.join()
+        assert seen and seen[0] != 100_000  # back to the kernel's default
+    finally:
+        set_thread_slice(0)
+
+
+async def test_a_served_loop_runs_with_the_slice_it_was_given():
+    import pytest
+
+    from trio_kv.transfer.sched import set_thread_slice, thread_slice_ns
+
+    if thread_slice_ns() is None:
+        pytest.skip("this kernel does not report a thread's slice")
+    try:
+        async with running_server(chunk_size=CHUNK, loop_slice_us=250):
+            assert thread_slice_ns() == 250_000
+    finally:
+        set_thread_slice(0)

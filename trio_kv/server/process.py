@@ -47,6 +47,7 @@ from ..protocol import (
     error_reply,
 )
 from ..transfer import arena_pinner, select_backend
+from ..transfer.sched import set_thread_slice
 from .admin import AdminApp
 from .config import ConfigError, ServerConfig
 from .connections import Connections
@@ -178,6 +179,8 @@ class Server:
 
     async def serve(self, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until cancelled (or ``shutdown``). Reports started once every URL listens."""
+        if self.config.loop_slice_us:  # wake-ups preempt the copy threads (transfer/sched.py)
+            set_thread_slice(self.config.loop_slice_us * 1000)
         try:
             async with trio.open_nursery() as nursery:
                 self._cancel_scope = nursery.cancel_scope
