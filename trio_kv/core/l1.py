@@ -24,6 +24,7 @@ import torch
 import trio
 
 from ..keys import ObjectKey
+from ..transfer.hugepages import advise_huge_pages
 from .allocator import ExtentAllocator
 from .eviction import POLICIES, choose_victim_salt
 from .l1_order import Entry, EntryState, EvictionOrder
@@ -63,7 +64,10 @@ class L1Store:
             raise ValueError("watermarks must satisfy 0 < low <= high <= 1")
         self.allocator = ExtentAllocator(capacity, alignment)
         self.capacity = self.allocator.capacity
-        self.arena = arena if arena is not None else torch.empty(self.capacity, dtype=torch.uint8)
+        if arena is None:
+            arena = torch.empty(self.capacity, dtype=torch.uint8)
+            advise_huge_pages(arena)  # before its pages are touched (transfer/hugepages.py)
+        self.arena = arena
         if self.arena.numel() < self.capacity:
             raise ValueError("arena is smaller than the capacity")
         if pin is not None:
