@@ -271,3 +271,15 @@ def test_entries_of_one_chunk_size_share_one_size_object():
     a, b = (l1.reserve(key(n), int(str(CHUNK + 1))) for n in (1, 2))
     assert a.nbytes is b.nbytes
     assert l1.size_of(a) == l1.size_of(b) == 2 * CHUNK
+
+
+def test_ready_prefix_stops_at_the_first_chunk_with_a_key_missing_or_still_being_written():
+    l1 = L1Store(64 * CHUNK)
+    a, b, c = (ready(l1, n) for n in range(3))
+    writing = l1.reserve(key(3), CHUNK)
+    assert not isinstance(writing, Refusal)
+    chunks = [[a.key, b.key], [c.key], [key(3)], [a.key]]
+    assert l1.ready_prefix(chunks) == [[a, b], [c]]  # key 3 is reserved, not ready
+    assert l1.ready_prefix([[a.key, key(9)], [b.key]]) == []  # one rank missing: none of it
+    l1.commit(writing)
+    assert l1.ready_prefix(chunks) == [[a, b], [c], [writing], [a]]

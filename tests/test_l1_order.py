@@ -6,7 +6,7 @@ from __future__ import annotations
 import gc
 
 import pytest
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     Bundle,
@@ -364,3 +364,34 @@ def test_l1_metadata_stays_within_300_bytes_per_cached_chunk():
     # Issue 15's target, at 2*10^4 chunks to stay fast; at 10^6 the index dict is fuller
     # and the figure ~15 B higher (docs/benchmarks.md).
     assert metadata_bytes_per_chunk(20_000) <= 300
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    salts=st.lists(st.sampled_from(SALTS), min_size=1, max_size=12),
+    picks=st.lists(st.integers(0, 11), max_size=16),
+    tail_in_order=st.booleans(),
+)
+def test_touch_all_leaves_the_same_order_as_touching_one_by_one(salts, picks, tail_in_order):
+    def build() -> tuple[EvictionOrder, list[Entry]]:
+        order, entries = EvictionOrder(), [entry(n, salt) for n, salt in enumerate(salts)]
+        for e in entries[:-1]:  # the last one stays out of the order (as a pinned entry does)
+            order.push(e)
+        return order, entries
+
+    def state(order: EvictionOrder) -> tuple[list[int], dict[str, list[int]]]:
+        ids = {id(e): n for n, e in enumerate(entries)}
+        return [ids[id(e)] for e in order], {s: [ids[id(e)] for e in order.of_salt(s)] for s in order.salts()}
+
+    one_by_one, entries = build()
+    together, twins = build()
+    chosen = [n % len(salts) for n in picks]
+    if tail_in_order:  # the newest ones, oldest first: what a repeated lookup touches
+        chosen = list(range(max(0, len(salts) - 4), len(salts) - 1))
+    for n in chosen:
+        one_by_one.touch(entries[n])
+    together.touch_all([twins[n] for n in chosen])
+    expected = state(one_by_one)
+    entries = twins
+    assert state(together) == expected
+    assert together.problems() == []

@@ -80,3 +80,21 @@ def test_release_salt_and_clear():
     assert leases.clear() == 1
     assert [e.leases for e in entries] == [0, 0]
     assert leases.next_deadline() is None
+
+
+def test_a_regrant_carries_over_the_leases_it_keeps_and_pins_nothing_twice():
+    l1, leases, entries = make(3)
+    calls = []
+    for name in ("add_lease", "drop_lease"):
+        method = getattr(l1, name)
+        setattr(
+            l1, name, lambda entry, method=method, name=name: (calls.append((name, entry.key)), method(entry))
+        )
+    leases.grant(OWNER, [(0, entries[0]), (1, entries[1])], 10.0)
+    calls.clear()
+    assert leases.grant(OWNER, [(1, entries[0]), (2, entries[1]), (3, entries[2])], 20.0) == 3
+    assert calls == [("add_lease", entries[2].key)]  # the two kept ones were not touched
+    assert [e.leases for e in entries] == [1, 1, 1]
+    assert leases.release_chunks(OWNER, 1, 2) == 1  # chunk indexes are the new grant's
+    assert entries[0].leases == 0
+    assert leases.next_deadline() == 20.0

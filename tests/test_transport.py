@@ -121,3 +121,147 @@ async def test_copies_run_in_threads_nicer_than_the_event_loop():
     await CpuTransfer()._run(copy, Cache(), [])  # type: ignore[arg-type]
     loop_priority = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     assert seen == [loop_priority + COPY_NICE] or seen == [19]
+
+
+def _message(body: bytes) -> object:
+    from pynng import ffi, lib
+
+    msg_p = ffi.new("nng_msg **")
+    assert lib.nng_msg_alloc(msg_p, 0) == 0
+    assert lib.nng_msg_append(msg_p[0], body, len(body)) == 0
+    return msg_p[0]
+
+
+async def _until(condition, timeout_s: float = 5.0) -> None:
+    with trio.fail_after(timeout_s):
+        # nng's threads finish the sends and signal nothing a task could wait on: poll.
+        while not condition():  # noqa: ASYNC110
+            await trio.sleep(0.01)
+
+
+async def test_replies_wait_in_nng_for_a_busy_peer_and_arrive_in_order(tmp_path):
+    # A send the peer cannot take yet stays with its aio; the loop never waits for it.
+    import pynng
+
+    from trio_kv.server.transport import SendAios
+
+    url = f"ipc://{tmp_path}/push"
+    with pynng.Push0(listen=url) as push:
+        sends = SendAios(push, max_aios=64)
+        for n in range(20):
+            sends.send(_message(b"%d" % n))
+        assert sends.in_flight == 20
+        with pynng.Pull0(dial=url, recv_timeout=5000) as pull:
+            got = [await trio.to_thread.run_sync(pull.recv) for _ in range(20)]
+        assert got == [b"%d" % n for n in range(20)]
+        sends.send(_message(b"after"))  # takes finished aios back
+        await _until(lambda: sends.in_flight <= 1 and sends.dropped == 0)
+        sends.close()
+
+
+async def test_past_max_sends_in_flight_a_reply_is_dropped_and_counted(tmp_path):
+    import pynng
+
+    from trio_kv.server.transport import SendAios
+
+    with pynng.Push0(listen=f"ipc://{tmp_path}/push") as push:
+        sends = SendAios(push, max_aios=3)
+        for n in range(5):
+            sends.send(_message(b"%d" % n))
+        assert (sends.in_flight, sends.dropped) == (3, 2)
+        sends.close()  # stops the three: their replies are dropped too
+        assert (sends.in_flight, sends.dropped) == (0, 5)
+        sends.send(_message(b"late"))  # after close: dropped, nothing allocated
+        assert (sends.in_flight, sends.dropped) == (0, 6)
+
+
+async def test_a_failed_send_frees_its_message_and_counts_it(tmp_path):
+    import pynng
+
+    from trio_kv.server.transport import SendAios
+
+    push = pynng.Push0(listen=f"ipc://{tmp_path}/push")
+    sends = SendAios(push, max_aios=8)
+    sends.send(_message(b"x"))
+    push.close()  # the send fails with ECLOSED
+    await _until(lambda: (sends.send(_message(b"y")), sends.dropped)[1] >= 2)
+    sends.close()
+
+
+async def test_the_server_counts_no_dropped_reply_in_normal_traffic():
+    async with running_server(chunk_size=CHUNK) as server, await AsyncClient.connect(server.url) as client:
+        async with trio.open_nursery() as nursery:
+            for _ in range(200):
+                nursery.start_soon(client.ping)
+        listeners = server.server.listeners
+        assert listeners and all(listener.dropped_replies == 0 for listener in listeners)
+
+
+def test_trio_kv_serve_runs_nng_on_the_task_threads_it_was_given(tmp_path):
+    import os
+    import time
+
+    from trio_kv.tools import bench_refs as refs
+
+    def task_threads(pid: int) -> int:
+        names = []
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/comm") as comm:
+                    names.append(comm.read().strip())
+            except FileNotFoundError:
+                pass  # a thread that just ended
+        return names.count("nng:task")
+
+    for threads in (2, 3):
+        url = f"ipc://{tmp_path}/t{threads}.sock"
+        env = {"TRIO_KV_NNG_TASK_THREADS": str(threads)}
+        with refs.serve(url, admin_port=refs.free_port(), env=env) as process:
+            deadline = time.monotonic() + 5
+            while task_threads(process.pid) != threads and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert task_threads(process.pid) == threads
+
+
+def test_nng_task_threads_below_two_are_refused():
+    import pytest
+
+    from trio_kv.server.config import ConfigError, ServerConfig
+
+    with pytest.raises(ConfigError, match="nng_task_threads"):
+        ServerConfig(nng_task_threads=1).validate()
+
+
+def test_the_loop_asks_for_short_time_slices_and_copy_threads_for_the_default():
+    import threading
+
+    import pytest
+
+    from trio_kv.transfer.sched import set_thread_slice, thread_slice_ns
+
+    before = thread_slice_ns()
+    if before is None or not set_thread_slice(100_000):
+        pytest.skip("this kernel does not report or set a thread's slice")
+    try:
+        assert thread_slice_ns() == 100_000
+        seen = []
+        worker = threading.Thread(target=lambda: (set_thread_slice(0), seen.append(thread_slice_ns())))
+        worker.start()
+        worker.join()
+        assert seen and seen[0] != 100_000  # back to the kernel's default
+    finally:
+        set_thread_slice(0)
+
+
+async def test_a_served_loop_runs_with_the_slice_it_was_given():
+    import pytest
+
+    from trio_kv.transfer.sched import set_thread_slice, thread_slice_ns
+
+    if thread_slice_ns() is None:
+        pytest.skip("this kernel does not report a thread's slice")
+    try:
+        async with running_server(chunk_size=CHUNK, loop_slice_us=250):
+            assert thread_slice_ns() == 250_000
+    finally:
+        set_thread_slice(0)

@@ -257,6 +257,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(config_json(config))
         return 0
     _configure_logging(config.log_level)
+    from .server.transport import set_nng_task_threads
+
+    set_nng_task_threads(config.nng_task_threads)  # before the first socket starts nng
     try:
         trio.run(_serve_until_signal, config, args.config or os.environ.get("TRIO_KV_CONFIG"))
     except BaseException as exc:

@@ -17,7 +17,7 @@ import msgspec
 import trio
 
 from ..errors import ErrorCode, TrioKVError
-from ..keys import ObjectKey, RequestKey, effective_end, object_keys, validate_salt
+from ..keys import RequestKey, effective_end, object_keys, validate_salt
 from ..protocol import (
     Clear,
     Cleared,
@@ -39,9 +39,10 @@ from ..protocol import (
     UnregisterKVCache,
 )
 from ..transfer import CopyJob, CpuTransfer, MappedKVCache
+from . import lookup as lookup_flow
 from .audit import audit_l1
 from .checks import check_blocks, check_id, check_key, check_registration
-from .inflight import InflightChunks, flat
+from .inflight import InflightChunks
 from .l1 import Entry, L1Store, Refusal
 from .leases import LeaseTable
 from .owners import OwnerWatch
@@ -153,7 +154,7 @@ class CacheEngine:
         except Exception as exc:
             raise TrioKVError(ErrorCode.TRANSFER_FAILED, f"copy failed: {type(exc).__name__}: {exc}") from exc
 
-    async def _fault_point(self, name: str) -> None:
+    async def fault_point(self, name: str) -> None:
         if self.faults is not None:
             await self.faults(name)
 
@@ -197,7 +198,7 @@ class CacheEngine:
                 entry.layout = cache.layout.fingerprint
                 reserved.append((index, entry))
             self.inflight.writing([entry.key for _, entry in reserved], owner)
-            await self._fault_point("store.before_copy")
+            await self.fault_point("store.before_copy")
             if reserved:
                 jobs = [
                     CopyJob(
@@ -207,7 +208,7 @@ class CacheEngine:
                     for i, entry in reserved
                 ]
                 await self._copy(self.transfer.store, cache, jobs, request.ipc_event)
-            await self._fault_point("store.after_copy")
+            await self.fault_point("store.after_copy")
             for _, entry in reserved:
                 self.l1.commit(entry)
             committed = True
@@ -228,49 +229,14 @@ class CacheEngine:
 
     async def lookup(self, request: Lookup, peer: Peer | None = None) -> LookupResult:
         """Count the leading chunks held for every rank (or the key's rank), waiting for those in flight,
-        loading what L2 holds past the L1 hits; lease them; ``claim`` what misses (``inflight``)."""
-        key = request.key
-        check_key(key, self.settings.limits, self.chunk_size, needs_rank=False)
-        n_chunks = effective_end(key) // self.chunk_size
-        hashes = self.sessions.hashes(key, n_chunks * self.chunk_size)
-        await self._fault_point("lookup.before_scan")
-        ranks = range(key.world_size) if key.rank is None else (key.rank,)
-        chunk_keys = [
-            [ObjectKey(key.model, key.world_size, r, h, key.cache_salt) for r in ranks] for h in hashes
-        ]
-        owner = (key.cache_salt, key.request_id)
-        ready = await self.inflight.walk(self.l1, chunk_keys, owner)
-        hits = [(index, entry) for index, entries in enumerate(ready) for entry in entries]
-        l1_chunks = len(ready)
-        l2_chunks = 0
-        if request.claim and key.request_id:  # before the L2 loads: lookups meanwhile wait for them
-            self.inflight.claim(flat(chunk_keys[l1_chunks:]), owner, peer)
-        if self.tiering is not None and l1_chunks < len(chunk_keys):
-            # Pin the L1 hits first: the loads' reservations must not evict them.
-            for _, entry in hits:
-                self.l1.pin_reader(entry)
-            prefetched = None
-            try:
-                await self._fault_point("lookup.before_prefetch")
-                before = chunk_keys[l1_chunks - 1] if l1_chunks else None
-                prefetched = await self.tiering.prefetch(chunk_keys[l1_chunks:], before)
-                for offset, chunk_entries in enumerate(prefetched.chunks):
-                    hits.extend((l1_chunks + offset, entry) for entry in chunk_entries)
-                l2_chunks = len(prefetched.chunks)
-                self._lease(key, hits)
-            finally:
-                for _, entry in hits[: l1_chunks * len(ranks)]:
-                    self.l1.unpin_reader(entry)
-                if prefetched is not None:
-                    prefetched.release()
-                self.inflight.settle(flat(chunk_keys[l1_chunks : l1_chunks + l2_chunks]), owner)
-        else:
-            self._lease(key, hits)
-        return LookupResult(
-            hit_tokens=(l1_chunks + l2_chunks) * self.chunk_size, l1_chunks=l1_chunks, l2_chunks=l2_chunks
-        )
+        loading what L2 holds past the L1 hits; lease them; ``claim`` what misses (``core.lookup``)."""
+        return await lookup_flow.lookup(self, request, peer)
 
-    def _lease(self, key: RequestKey, hits: list[tuple[int, Entry]]) -> None:
+    def lookup_now(self, request: Lookup, peer: Peer | None = None) -> LookupResult | None:
+        """``lookup`` answered without waiting, or None where it would wait and nothing was done."""
+        return lookup_flow.lookup_now(self, request, peer)
+
+    def lease_hits(self, key: RequestKey, hits: list[tuple[int, Entry]]) -> None:
         if not key.request_id:
             return
         deadline = trio.current_time() + self.settings.lease_ttl_s
@@ -329,10 +295,10 @@ class CacheEngine:
                     )
                 )
                 hit_chunks += 1
-            await self._fault_point("retrieve.before_copy")
+            await self.fault_point("retrieve.before_copy")
             if jobs:
                 await self._copy(self.transfer.retrieve, cache, jobs, request.ipc_event)
-            await self._fault_point("retrieve.after_copy")
+            await self.fault_point("retrieve.after_copy")
         finally:
             for entry in readers:
                 self.l1.unpin_reader(entry)

@@ -136,23 +136,35 @@ class InflightChunks:
         a waiting walk holds no pin, lease or reservation."""
         waited: set[int] = set()
         while True:
-            ready: list[list[Entry]] = []
-            pending: Pending | None = None
-            for keys in chunk_keys:
-                entries = [e for e in map(l1.get_ready, keys) if e is not None]
-                if len(entries) < len(keys):
-                    pending = self._first_pending(keys, owner)
-                    break
-                ready.append(entries)
+            ready, pending = self._scan(l1, chunk_keys, owner)
             if pending is None:
                 if waited:  # what it found past the first chunk it had to wait for
                     self.hits += max(0, len(ready) - min(waited))
-                for chunk in ready:
-                    for entry in chunk:
-                        l1.touch(entry)
+                _touch(l1, ready)
                 return ready
             waited.add(len(ready))
             await self._wait(pending)
+
+    def walk_now(
+        self, l1: L1Store, chunk_keys: Sequence[Sequence[ObjectKey]], owner: Owner, *, whole: bool = False
+    ) -> list[list[Entry]] | None:
+        """``walk`` where it would not wait, else None (and nothing touched). With ``whole``,
+        also None unless every chunk is ready."""
+        ready, pending = self._scan(l1, chunk_keys, owner)
+        if pending is not None or (whole and len(ready) < len(chunk_keys)):
+            return None
+        _touch(l1, ready)
+        return ready
+
+    def _scan(
+        self, l1: L1Store, chunk_keys: Sequence[Sequence[ObjectKey]], owner: Owner
+    ) -> tuple[list[list[Entry]], Pending | None]:
+        """The leading chunks ready for every key, and what a walk waits for at the first that
+        is not (None: nothing to wait for, the walk ends there)."""
+        ready = l1.ready_prefix(chunk_keys)
+        if len(ready) == len(chunk_keys):
+            return ready, None
+        return ready, self._first_pending(chunk_keys[len(ready)], owner)
 
     async def _wait(self, pending: Pending) -> None:
         self.waiting += 1
@@ -220,3 +232,7 @@ class InflightChunks:
             held = self._pop(key)
             assert held is not None
             held.event.set()
+
+
+def _touch(l1: L1Store, ready: list[list[Entry]]) -> None:
+    l1.touch_all([entry for chunk in ready for entry in chunk])

@@ -18,12 +18,13 @@ from __future__ import annotations
 import enum
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import trio
 
 from ..keys import ObjectKey
+from ..transfer.hugepages import advise_huge_pages
 from .allocator import ExtentAllocator
 from .eviction import POLICIES, choose_victim_salt
 from .l1_order import Entry, EntryState, EvictionOrder
@@ -63,7 +64,10 @@ class L1Store:
             raise ValueError("watermarks must satisfy 0 < low <= high <= 1")
         self.allocator = ExtentAllocator(capacity, alignment)
         self.capacity = self.allocator.capacity
-        self.arena = arena if arena is not None else torch.empty(self.capacity, dtype=torch.uint8)
+        if arena is None:
+            arena = torch.empty(self.capacity, dtype=torch.uint8)
+            advise_huge_pages(arena)  # before its pages are touched (transfer/hugepages.py)
+        self.arena = arena
         if self.arena.numel() < self.capacity:
             raise ValueError("arena is smaller than the capacity")
         if pin is not None:
@@ -98,6 +102,20 @@ class L1Store:
     def get_ready(self, key: ObjectKey) -> Entry | None:
         entry = self._entries.get(key)
         return entry if entry is not None and entry.state is EntryState.READY else None
+
+    def ready_prefix(self, chunk_keys: Sequence[Sequence[ObjectKey]]) -> list[list[Entry]]:
+        """The entries of the leading chunks whose every key is ready (one lookup's scan)."""
+        get, ready_state = self._entries.get, EntryState.READY
+        ready: list[list[Entry]] = []
+        for keys in chunk_keys:
+            chunk = []
+            for key in keys:
+                entry = get(key)
+                if entry is None or entry.state is not ready_state:
+                    return ready
+                chunk.append(entry)
+            ready.append(chunk)
+        return ready
 
     def view(self, entry: Entry) -> torch.Tensor:
         """The entry's payload bytes in the arena."""
@@ -211,6 +229,10 @@ class L1Store:
     def touch(self, entry: Entry) -> None:
         """Mark as most recently used."""
         self._evictable.touch(entry)
+
+    def touch_all(self, entries: Sequence[Entry]) -> None:
+        """``touch`` each of ``entries``, in order."""
+        self._evictable.touch_all(entries)
 
     def pin_reader(self, entry: Entry) -> None:
         self._pin(entry)

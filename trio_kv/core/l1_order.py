@@ -13,7 +13,7 @@ that is dropped unlinks what it still holds (``clear``), so no cycle outlives it
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator, KeysView
+from collections.abc import Iterator, KeysView, Sequence
 
 import msgspec
 
@@ -157,6 +157,23 @@ class EvictionOrder:
         """Make ``entry`` the most recent, if it is in the order."""
         # The newest of all is also the newest of its salt: nothing to move.
         if entry is not self._newest and self.remove(entry):
+            self.push(entry)
+
+    def touch_all(self, entries: Sequence[Entry]) -> None:
+        """``touch`` each of ``entries`` in turn, with no call for those that stay put: the
+        newest already, or not in the order (pinned: a lookup's leased hits). Entries that
+        already are the newest, in this order, are left as they are (a repeated lookup)."""
+        node = self._newest
+        for entry in reversed(entries):
+            if node is not entry:
+                break
+            node = entry.prev
+        else:
+            return
+        for entry in entries:
+            if entry is self._newest or (entry.prev is None and self._oldest is not entry):
+                continue
+            self.remove(entry)
             self.push(entry)
 
     def __iter__(self) -> Iterator[Entry]:

@@ -41,14 +41,27 @@ class LeaseTable:
         return len(self._sets)
 
     def grant(self, owner: LeaseOwner, chunks: Iterable[tuple[int, Entry]], deadline: float) -> int:
-        """Lease ``(chunk index, entry)`` pairs to ``owner``, replacing what it held before."""
+        """Lease ``(chunk index, entry)`` pairs to ``owner``, replacing what it held before.
+
+        A lease the owner already held on the same entry is carried over, not dropped and
+        taken again (a repeated lookup for one request pins nothing twice); what the new set
+        does not hold is released after the new set is pinned, so shared chunks never become
+        evictable in between."""
+        previous = self._sets.pop(owner, None)
+        before = previous.held if previous is not None else {}
         fresh = _LeaseSet(deadline)
         for chunk_index, entry in chunks:
-            if entry.key not in fresh.held:
+            key = entry.key
+            if key in fresh.held:
+                continue
+            held = before.get(key)
+            if held is not None and held[1] is entry:
+                del before[key]  # still pinned by this owner: carried over
+            else:
                 self._l1.add_lease(entry)
-                fresh.held[entry.key] = (chunk_index, entry)
-        # Pin the new set before unpinning the old, so shared chunks never become evictable.
-        self._drop_set(owner)
+            fresh.held[key] = (chunk_index, entry)
+        for _, entry in before.values():
+            self._l1.drop_lease(entry)
         if fresh.held:
             self._sets[owner] = fresh
             heapq.heappush(self._deadlines, (deadline, next(self._sequence), owner))

@@ -14,7 +14,7 @@ from ..protocol import InstanceInfo, StatusResult, TierStatus
 
 # Python objects behind each chunk L1 holds (entry, LRU and ledger slots) and each object an L2
 # tier's ledger knows, measured with tracemalloc on CPython 3.11 (docs/operating.md#memory).
-L1_METADATA_BYTES_PER_CHUNK = 750
+L1_METADATA_BYTES_PER_CHUNK = 310
 L2_METADATA_BYTES_PER_OBJECT = 320
 
 if TYPE_CHECKING:

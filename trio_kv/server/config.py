@@ -46,6 +46,8 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_keys_per_request: int = 1 << 18
     max_id_chars: int = 256
     workers: int = 64
+    nng_task_threads: int = 2
+    loop_slice_us: int = 100
     copy_threads: int = 2
     evict_high_watermark: float = 0.95
     evict_low_watermark: float = 0.90
@@ -112,6 +114,12 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         for name, value in positive.items():
             if not value > 0:
                 raise ConfigError(f"{name}: must be > 0, got {value}")
+        if not (self.loop_slice_us == 0 or 100 <= self.loop_slice_us <= 100_000):
+            raise ConfigError(
+                f"loop_slice_us: 0 (the kernel's default) or 100..100000, got {self.loop_slice_us}"
+            )
+        if self.nng_task_threads < 2:
+            raise ConfigError(f"nng_task_threads: nng runs at least 2, got {self.nng_task_threads}")
         if not self.inflight_wait_s >= 0:
             raise ConfigError(f"inflight_wait_s: must be >= 0, got {self.inflight_wait_s}")
         if not 0 < self.evict_low_watermark <= self.evict_high_watermark <= 1:

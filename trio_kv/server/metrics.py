@@ -2,7 +2,7 @@
 
 Two kinds of numbers:
 
-- **Per request** (recorded in ``Server.handle`` on the Trio thread): request counts by kind and
+- **Per request** (recorded in ``Server.handle``/``handle_now`` on the Trio thread): request counts by kind and
   outcome and latency histograms through prometheus-client children created once and cached;
   lookup tokens and bytes moved per salt as plain integers in ``SaltTraffic`` (one dict lookup
   and a few additions per request; no lock, since only the Trio thread writes them).
@@ -16,7 +16,7 @@ Salts appear as label values in their URL spelling: the empty salt is ``@empty``
 from __future__ import annotations
 
 import typing
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import trio
@@ -38,14 +38,30 @@ from ..protocol import (
     StatusResult,
     Store,
     StoreResult,
-    TierStatus,
 )
+from .metrics_l2 import l2_metrics
 
 # Requests take ~0.1 ms (lookups) to tens of ms (large copies); the prometheus defaults start at 5 ms.
 REQUEST_BUCKETS = (
     1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
-LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+LOOP_LAG_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0015,
+    0.002,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+)
 LOOP_LAG_INTERVAL_S = 0.25
 UNKNOWN_KIND = "unknown"  # requests that never decoded (or arrived while draining)
 
@@ -124,6 +140,8 @@ class ServerMetrics:
             registry=self.registry,
         )
         self.loop_lag_last_s = 0.0
+        # Replies the listeners could not hand to nng (set by the server that owns them).
+        self.dropped_replies: Callable[[], int] = lambda: 0
         self.traffic: dict[str, SaltTraffic] = {}
         self._kinds: dict[type, _KindMetrics] = {
             kind: _KindMetrics(kind.__struct_config__.tag, self._requests, self._latency)
@@ -218,7 +236,7 @@ class _StateCollector:
         status = metrics.engine.status()
         yield from self._traffic(metrics)
         yield from self._usage(status, metrics.quotas)
-        yield from self._l2(status.l2)
+        yield from l2_metrics(status.l2)
 
         evictions = CounterMetricFamily(
             "trio_kv_evictions", "Chunks evicted, by tier and reason.", labels=["tier", "reason"]
@@ -266,6 +284,11 @@ class _StateCollector:
         for part, nbytes in status.memory_bytes.items():
             memory.add_metric([part], nbytes)
         yield memory
+        yield _counter(
+            "trio_kv_dropped_replies",
+            "Replies not delivered: the client had gone, or too many replies to it were pending.",
+            metrics.dropped_replies(),
+        )
         yield _gauge("trio_kv_instances", "Registered KV caches.", len(status.instances))
         yield _gauge("trio_kv_requests_in_flight", "Requests being handled.", status.requests_in_flight)
         yield _gauge(
@@ -328,65 +351,6 @@ class _StateCollector:
             for tier, limit in limits.items():
                 salt_quota.add_metric([tier, salt_to_url_name(quota_salt)], limit)
         yield from (used, capacity, salt_used, salt_quota)
-
-    def _l2(self, tiers: list[TierStatus]) -> Iterator[Metric]:
-        depth = GaugeMetricFamily(
-            "trio_kv_l2_queue_depth", "Chunks waiting for write-behind, by tier.", labels=["tier"]
-        )
-        dropped = CounterMetricFamily(
-            "trio_kv_l2_queue_dropped",
-            "Chunks dropped because the write-behind queue was full.",
-            labels=["tier"],
-        )
-        writes = CounterMetricFamily(
-            "trio_kv_l2_writes",
-            "Write-behind outcomes: written, failed, breaker_skipped, quota_skipped, timed_out,"
-            " skipped_evicted, skipped_orphan; lost counts every chunk never written (dropped included).",
-            labels=["tier", "outcome"],
-        )
-        loads = CounterMetricFamily(
-            "trio_kv_l2_loads", "Loads into L1: loaded, failed, timed_out.", labels=["tier", "outcome"]
-        )
-        errors = CounterMetricFamily(
-            "trio_kv_l2_errors", "Adapter errors, by tier and operation.", labels=["tier", "op"]
-        )
-        healthy = GaugeMetricFamily(
-            "trio_kv_l2_healthy", "1 if the adapter reports healthy.", labels=["tier"]
-        )
-        breaker = GaugeMetricFamily(
-            "trio_kv_l2_breaker_open", "1 while the adapter's circuit breaker is open.", labels=["tier"]
-        )
-        for tier in tiers:
-            name = tier.name
-            depth.add_metric([name], tier.queue_depth)
-            dropped.add_metric([name], tier.dropped)
-            for outcome, count in (
-                ("written", tier.written),
-                ("failed", tier.write_failures),
-                ("quota_skipped", tier.quota_skips),
-                ("timed_out", tier.write_timeouts),
-                ("skipped_evicted", tier.skipped_evicted),
-                ("breaker_skipped", tier.breaker_skips),
-                ("skipped_orphan", tier.skipped_orphan),
-                ("lost", tier.lost),
-            ):
-                writes.add_metric([name, outcome], count)
-            for outcome, count in (
-                ("loaded", tier.loads),
-                ("failed", tier.load_failures),
-                ("timed_out", tier.load_timeouts),
-            ):
-                loads.add_metric([name, outcome], count)
-            for op, count in (
-                ("write", tier.write_failures),
-                ("load", tier.load_failures),
-                ("lookup", tier.lookup_errors),
-                ("evict", tier.evict_errors),
-            ):
-                errors.add_metric([name, op], count)
-            healthy.add_metric([name], 1 if tier.healthy else 0)
-            breaker.add_metric([name], 1 if tier.state == "breaker-open" else 0)
-        yield from (depth, dropped, writes, loads, errors, healthy, breaker)
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

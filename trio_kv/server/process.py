@@ -8,12 +8,10 @@ task is cancelled and ipc:// socket files are removed.
 
 from __future__ import annotations
 
-import contextlib
 import hmac
 import logging
-import os
-import socket
 import time
+from typing import Any
 
 import pynng
 import trio
@@ -27,6 +25,7 @@ from ..core.peers import Peer
 from ..core.quotas import L1_TIER, QuotaBook
 from ..core.tiering import Tiering, TieringSettings
 from ..errors import ErrorCode, TrioKVError, single_cause
+from ..msgpack_peek import head_kind
 from ..protocol import (
     PROTOCOL_VERSION,
     Clear,
@@ -48,6 +47,7 @@ from ..protocol import (
     error_reply,
 )
 from ..transfer import arena_pinner, select_backend
+from ..transfer.sched import set_thread_slice
 from .admin import AdminApp
 from .config import ConfigError, ServerConfig
 from .connections import Connections
@@ -55,7 +55,10 @@ from .dispatch import Dispatcher, WithPeer, asynchronous
 from .http import start_admin
 from .metrics import ServerMetrics
 from .ratelog import RateLimitedLog
-from .transport import RawListener, open_raw_rep
+from .transport import ListenSockets, RawListener, ipc_path, open_raw_rep
+
+# Request kinds (tags) handle_now may answer on the listener's task.
+_ANSWERED_NOW = frozenset({"lookup", "ping"})
 
 log = logging.getLogger(__name__)
 
@@ -76,28 +79,6 @@ async def _start_tier(nursery: trio.Nursery, l2: L2Tier, spec: str) -> None:
         if isinstance(cause, StoreMissing):
             raise ConfigError(f"--l2 {spec}: {cause}") from None
         raise
-
-
-def ipc_path(url: str) -> str | None:
-    return url[len("ipc://") :] if url.startswith("ipc://") else None
-
-
-def _remove_stale_socket(path: str) -> None:
-    """Unlink a socket file nobody listens on; refuse to steal one a live server holds."""
-    if not os.path.exists(path):
-        return
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        os.unlink(path)
-        log.info("removed stale socket file %s", path)
-        return
-    except OSError as exc:
-        raise RuntimeError(f"{path} exists and is not a usable socket: {exc}") from exc
-    finally:
-        probe.close()
-    raise RuntimeError(f"another server is already listening on ipc://{path}")
 
 
 class Server:
@@ -164,13 +145,14 @@ class Server:
         )
         self.engine = CacheEngine(settings, self.l1, transfer, tiering=self.tiering, faults=faults)
         self.metrics = ServerMetrics(self.engine, self.quotas)
+        self.listeners: list[RawListener] = []
+        self.metrics.dropped_replies = lambda: sum(listener.dropped_replies for listener in self.listeners)
         self.admin_url: str | None = None  # the admin HTTP URL actually bound, once serving
         self._admin_stop = trio.Event()
         self.draining = False
         self._idle = trio.Event()
         self._idle.set()
-        self._sockets: list[pynng.Rep0] = []
-        self._socket_files: list[str] = []
+        self._sockets = ListenSockets()
         self._cancel_scope: trio.CancelScope | None = None
         self._bad_frames = RateLimitedLog(log)  # one line per 10 s, whatever a client sends
         # A registration lives as long as the connection that made it.
@@ -197,6 +179,8 @@ class Server:
 
     async def serve(self, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until cancelled (or ``shutdown``). Reports started once every URL listens."""
+        if self.config.loop_slice_us:  # wake-ups preempt the copy threads (transfer/sched.py)
+            set_thread_slice(self.config.loop_slice_us * 1000)
         try:
             async with trio.open_nursery() as nursery:
                 self._cancel_scope = nursery.cancel_scope
@@ -244,7 +228,7 @@ class Server:
                 )
                 task_status.started(self)
         finally:
-            self._close_sockets()
+            self._sockets.close()
             self._save_quotas()
             with trio.CancelScope(shield=True):  # bounded: close what is still mapped
                 await self.engine.aclose()
@@ -257,38 +241,20 @@ class Server:
             log.error("quota changes not saved to %s: %s", self.quotas.path, exc)
 
     def _listen(self, url: str) -> pynng.Rep0:
-        path = ipc_path(url)
-        if path is not None:
-            _remove_stale_socket(path)
         # A reply that cannot be handed to its pipe within the send timeout is dropped, so a
         # peer that never reads cannot hold a worker context.
         sock = open_raw_rep(
             recv_max_size=self.config.max_message_bytes * _RECV_SLACK, send_timeout=_SEND_TIMEOUT_MS
         )
-        self._sockets.append(sock)
-        # ipc:// peers are who the socket file's mode lets in; tcp:// peers say the data token.
-        self.connections.attach(sock, url, needs_token=path is None and bool(self.config.data_token))
-        mode = self.config.socket_permissions()
-        # The socket file is born with the final mode (umask), so it is never open to others.
-        previous_umask = os.umask(0o777 & ~mode)
         try:
-            sock.listen(url)
-        finally:
-            os.umask(previous_umask)
-        if path is not None:
-            self._socket_files.append(path)
-            os.chmod(path, mode)
-        return sock
-
-    def _close_sockets(self) -> None:
-        for sock in self._sockets:
+            # ipc:// peers are who the socket file's mode lets in; tcp:// peers say the data token.
+            token = ipc_path(url) is None and bool(self.config.data_token)
+            self.connections.attach(sock, url, needs_token=token)
+            self._sockets.listen(sock, url, self.config.socket_permissions())
+        except BaseException:
             sock.close()
-        self._sockets.clear()
-        # Only files this server created: a refused start must not unlink a live server's socket.
-        for path in self._socket_files:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-        self._socket_files.clear()
+            raise
+        return sock
 
     async def wait_idle(self) -> None:
         """Return once no request is being handled."""
@@ -311,7 +277,12 @@ class Server:
         async def handle(buf: bytes, pipe_id: int) -> bytes:
             return await self.handle(buf, peer_by_id(pipe_id, url))
 
-        await RawListener(sock, handle, workers=self.config.workers).serve()
+        def handle_now(buf: bytes, pipe_id: int) -> bytes | None:
+            return self.handle_now(buf, peer_by_id(pipe_id, url))
+
+        listener = RawListener(sock, handle, workers=self.config.workers, handle_now=handle_now)
+        self.listeners.append(listener)
+        await listener.serve()
 
     async def handle(self, buf: bytes, peer: Peer | None = None) -> bytes:
         """Answer one encoded request from ``peer`` (None: from inside this process) with one
@@ -349,6 +320,42 @@ class Server:
             engine.requests_in_flight -= 1
             if engine.requests_in_flight == 0:
                 self._idle.set()
+        return self._answer(request, reply, started)
+
+    def handle_now(self, buf: bytes, peer: Peer | None = None) -> bytes | None:
+        """``handle``'s reply where it needs no wait: a Ping, or a Lookup of chunks L1 holds
+        with none in flight and no L2 to ask (``CacheEngine.lookup_now``). None where it
+        would wait or is not one of those (nothing was done; ``handle`` answers it). The
+        listener calls this on the loop's own task, so such a request costs no task switch,
+        no channel and no cancel scope, and many are answered per wake-up."""
+        if self.draining or head_kind(buf) not in _ANSWERED_NOW:
+            return None
+        started = time.perf_counter()
+        try:
+            request = decode_request(buf, self.config.max_message_bytes)
+        except TrioKVError:
+            return None  # handle refuses it (and logs the bad frame)
+        if peer is not None and not peer.authenticated and type(request) is not Ping:
+            return None
+        reply: Any
+        try:
+            if type(request) is Lookup:
+                reply = self.engine.lookup_now(request, peer)
+                if reply is None:
+                    return None
+            elif type(request) is Ping:
+                reply = Pong()
+            else:
+                return None
+        except TrioKVError as exc:
+            reply = error_reply(exc)
+        except Exception as exc:
+            log.exception("internal error while handling a request")
+            reply = error_reply(TrioKVError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"))
+        return self._answer(request, reply, started)
+
+    def _answer(self, request: Any, reply: Any, started: float) -> bytes:
+        """Count the answered request in the metrics and encode its reply."""
         try:
             self.metrics.record_request(request, reply, time.perf_counter() - started)
         except Exception:  # a metrics bug must not cost the client its reply

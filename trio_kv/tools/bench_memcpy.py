@@ -11,6 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from ..transfer.hugepages import advise_huge_pages
+
 
 def memcpy_seconds(
     pool: ThreadPoolExecutor, threads: int, sources: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]
@@ -31,7 +33,11 @@ def memcpy_seconds(
 
 
 def chunk_buffers(chunks: int, chunk_bytes: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """``chunks`` distinct chunk-sized sources and as many targets, their pages faulted in."""
+    """``chunks`` distinct chunk-sized sources and as many targets, their pages faulted in. The
+    targets get huge pages as the server's L1 arena does; the sources, like an engine's
+    shared memory, do not."""
     sources = torch.full((chunks, chunk_bytes), 1, dtype=torch.uint8)
-    targets = torch.zeros(chunks, chunk_bytes, dtype=torch.uint8)
+    targets = torch.empty(chunks, chunk_bytes, dtype=torch.uint8)
+    advise_huge_pages(targets)
+    targets.zero_()
     return list(sources), list(targets)

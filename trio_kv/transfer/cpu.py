@@ -22,6 +22,7 @@ from ..protocol import RegisterKVCache
 from .file_copy import FileKVCache
 from .layout import plan_layout
 from .mapped import SPLIT_MIN_BYTES, CopyJob, MappedKVCache
+from .sched import set_thread_slice
 
 __all__ = ["COPY_NICE", "SPLIT_MIN_BYTES", "CopyJob", "CpuTransfer", "MappedKVCache"]
 
@@ -43,6 +44,7 @@ def _in_background(
             with contextlib.suppress(OSError):
                 tid = threading.get_native_id()
                 os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + COPY_NICE)
+                set_thread_slice(0)  # the default, not the loop's short one it was started with
         copy(jobs, part, parts)
 
     return run
