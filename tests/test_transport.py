@@ -265,3 +265,18 @@ async def test_a_served_loop_runs_with_the_slice_it_was_given():
             assert thread_slice_ns() == 250_000
     finally:
         set_thread_slice(0)
+
+
+async def test_dropped_replies_are_exported_as_a_metric():
+    async with running_server(chunk_size=CHUNK) as server, await AsyncClient.connect(server.url) as client:
+        await client.ping()
+
+        def exported() -> str:
+            text = server.server.metrics.exposition()[0].decode()
+            return next(
+                line for line in text.splitlines() if line.startswith("trio_kv_dropped_replies_total")
+            )
+
+        assert exported() == "trio_kv_dropped_replies_total 0.0"
+        server.server.listeners[0]._sends.dropped += 2  # as two replies to vanished clients would
+        assert exported() == "trio_kv_dropped_replies_total 2.0"
