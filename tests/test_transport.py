@@ -280,3 +280,15 @@ async def test_dropped_replies_are_exported_as_a_metric():
         assert exported() == "trio_kv_dropped_replies_total 0.0"
         server.server.listeners[0]._sends.dropped += 2  # as two replies to vanished clients would
         assert exported() == "trio_kv_dropped_replies_total 2.0"
+
+
+async def test_a_cancelled_listener_stops_and_frees_every_send_aio():
+    async with running_server(chunk_size=CHUNK) as server:
+        async with await AsyncClient.connect(server.url) as client:
+            async with trio.open_nursery() as nursery:
+                for _ in range(50):
+                    nursery.start_soon(client.ping)
+        (listener,) = server.server.listeners
+        assert listener._sends.aios > 0
+    # running_server cancelled the server's nursery, the listener's serve with it
+    assert listener._sends.aios == 0 and listener._sends._closed

@@ -174,14 +174,16 @@ class RawListener:
     async def serve(self) -> None:
         """Run until cancelled or the socket is closed."""
         send, receive = trio.open_memory_channel[RawMessage](0)
-        async with trio.open_nursery() as nursery:
-            for _ in range(self._workers):
-                nursery.start_soon(self._work, receive.clone())
-            try:
-                await self._receive_loop(send)
-            finally:
-                nursery.cancel_scope.cancel()
-        self._sends.close()
+        try:
+            async with trio.open_nursery() as nursery:
+                for _ in range(self._workers):
+                    nursery.start_soon(self._work, receive.clone())
+                try:
+                    await self._receive_loop(send)
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:  # cancelled too: every aio stopped and freed
+            self._sends.close()
 
     def _try_receive(self) -> RawMessage | None:
         rv = lib.nng_recvmsg(self._sock.socket, self._msg_p, lib.NNG_FLAG_NONBLOCK)
@@ -301,6 +303,11 @@ class SendAios:
     @property
     def in_flight(self) -> int:
         return len(self._in_flight)
+
+    @property
+    def aios(self) -> int:
+        """Aios allocated and not yet freed."""
+        return len(self._in_flight) + len(self._idle)
 
     def close(self) -> None:
         """Stop every send still in flight (its reply is dropped) and free every aio."""
