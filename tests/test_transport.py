@@ -292,3 +292,47 @@ async def test_a_cancelled_listener_stops_and_frees_every_send_aio():
         assert listener._sends.aios > 0
     # running_server cancelled the server's nursery, the listener's serve with it
     assert listener._sends.aios == 0 and listener._sends._closed
+
+
+class SilentPeer:
+    """A raw SP Req peer over ipc:// that sends requests and never reads a reply."""
+
+    def __init__(self, path: str) -> None:
+        import socket
+
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.sock.connect(path)
+
+    def flood(self, body: bytes, count: int) -> None:
+        import struct
+
+        self.sock.sendall(b"\x00SP\x00" + struct.pack(">H", 0x30) + b"\x00\x00")  # we are Req0
+        assert self.sock.recv(8)[:4] == b"\x00SP\x00"
+        for n in range(count):
+            payload = struct.pack(">I", 0x80000000 | n) + body  # request id, then the request
+            self.sock.sendall(b"\x01" + struct.pack(">Q", len(payload)) + payload)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+async def test_a_peer_that_never_reads_holds_up_no_one_and_nothing_stays_in_flight():
+    from trio_kv.protocol import Status, encode
+
+    async with running_server(chunk_size=CHUNK) as server, await AsyncClient.connect(server.url) as client:
+        peer = SilentPeer(server.url[len("ipc://") :])
+        try:
+            with trio.fail_after(30):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(trio.to_thread.run_sync, peer.flood, encode(Status()), 3000)
+                    for _ in range(50):  # answered while the flood goes on
+                        await client.ping()
+                await _until(lambda: server.server.engine.requests_in_flight == 0)
+                await client.ping()
+            (listener,) = server.server.listeners
+            assert listener._sends.in_flight <= 2  # nng took the rest (and dropped what it could not send)
+        finally:
+            peer.close()
+        await server.server.connections.wait_closed(1)
+        assert_no_leaks(server)
