@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from ..core.peers import Peer
 from ..errors import ErrorCode, TrioKVError
-from ..protocol import REPLY_OF, RequestFor
+from ..protocol import REPLY_OF, RequestFor, error_reply
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,11 @@ class WithPeer:
 
     def __init__(self, handler: Callable[[Any, Peer | None], Awaitable[Any]]) -> None:
         self.handler = handler
+
+
+def internal_error(exc: Exception) -> Any:
+    """The INTERNAL error reply for an exception no handler expected."""
+    return error_reply(TrioKVError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"))
 
 
 def asynchronous(handler: Callable[..., A]) -> Callable[..., Awaitable[A]]:

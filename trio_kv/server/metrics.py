@@ -45,23 +45,7 @@ from .metrics_l2 import l2_metrics
 REQUEST_BUCKETS = (
     1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
-LOOP_LAG_BUCKETS = (
-    0.0005,
-    0.001,
-    0.0015,
-    0.002,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-)
+LOOP_LAG_BUCKETS = (0.0005, 0.001, 0.0015, 0.002, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)  # fmt: skip
 LOOP_LAG_INTERVAL_S = 0.25
 UNKNOWN_KIND = "unknown"  # requests that never decoded (or arrived while draining)
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 import hmac
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
+import msgspec
 import pynng
 import trio
 
@@ -51,14 +53,11 @@ from ..transfer.sched import set_thread_slice
 from .admin import AdminApp
 from .config import ConfigError, ServerConfig
 from .connections import Connections
-from .dispatch import Dispatcher, WithPeer, asynchronous
+from .dispatch import Dispatcher, WithPeer, asynchronous, internal_error
 from .http import start_admin
 from .metrics import ServerMetrics
 from .ratelog import RateLimitedLog
 from .transport import ListenSockets, RawListener, ipc_path, open_raw_rep
-
-# Request kinds (tags) handle_now may answer on the listener's task.
-_ANSWERED_NOW = frozenset({"lookup", "ping"})
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +171,12 @@ class Server:
                 Status: asynchronous(lambda _: self.engine.status()),
             }
         )
+        # What handle_now answers on the listener's task, and the tags that send a frame there.
+        self._answer_now: dict[type[msgspec.Struct], Callable[[Any, Peer | None], Any]] = {
+            Lookup: self.engine.lookup_now,
+            Ping: lambda _request, _peer: Pong(),
+        }
+        self._answered_now_tags = frozenset(kind.__struct_config__.tag for kind in self._answer_now)
 
     @property
     def urls(self) -> list[str]:
@@ -315,7 +320,7 @@ class Server:
             )
         except Exception as exc:
             log.exception("internal error while handling a request")
-            reply = error_reply(TrioKVError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"))
+            reply = internal_error(exc)
         finally:
             engine.requests_in_flight -= 1
             if engine.requests_in_flight == 0:
@@ -328,30 +333,26 @@ class Server:
         would wait or is not one of those (nothing was done; ``handle`` answers it). The
         listener calls this on the loop's own task, so such a request costs no task switch,
         no channel and no cancel scope, and many are answered per wake-up."""
-        if self.draining or head_kind(buf) not in _ANSWERED_NOW:
+        if self.draining or head_kind(buf) not in self._answered_now_tags:
             return None
         started = time.perf_counter()
         try:
             request = decode_request(buf, self.config.max_message_bytes)
         except TrioKVError:
             return None  # handle refuses it (and logs the bad frame)
-        if peer is not None and not peer.authenticated and type(request) is not Ping:
+        answer_now = self._answer_now.get(type(request))
+        if answer_now is None or (peer is not None and not peer.authenticated and type(request) is not Ping):
             return None
         reply: Any
         try:
-            if type(request) is Lookup:
-                reply = self.engine.lookup_now(request, peer)
-                if reply is None:
-                    return None
-            elif type(request) is Ping:
-                reply = Pong()
-            else:
+            reply = answer_now(request, peer)
+            if reply is None:
                 return None
         except TrioKVError as exc:
             reply = error_reply(exc)
         except Exception as exc:
             log.exception("internal error while handling a request")
-            reply = error_reply(TrioKVError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"))
+            reply = internal_error(exc)
         return self._answer(request, reply, started)
 
     def _answer(self, request: Any, reply: Any, started: float) -> bytes:
@@ -364,7 +365,7 @@ class Server:
             return encode(reply)
         except Exception as exc:
             log.exception("a reply could not be encoded")
-            return encode(error_reply(TrioKVError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")))
+            return encode(internal_error(exc))
 
     def _hello(self, request: Hello, peer: Peer | None) -> HelloOk:
         if request.protocol_version != PROTOCOL_VERSION:

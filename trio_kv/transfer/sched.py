@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+import threading
 
 _SYS_SCHED_SETATTR = {"x86_64": 314, "aarch64": 274}.get(platform.machine())
 
@@ -51,16 +52,10 @@ def set_thread_slice(slice_ns: int) -> bool:
 def thread_slice_ns() -> int | None:
     """The calling thread's slice as the kernel reports it (/proc), or None if it does not."""
     try:
-        with open(f"/proc/self/task/{_native_id()}/sched") as sched:
+        with open(f"/proc/self/task/{threading.get_native_id()}/sched") as sched:
             for line in sched:
                 if line.startswith("se.slice"):
                     return int(float(line.split(":")[1]))
     except (OSError, ValueError):
         pass
     return None
-
-
-def _native_id() -> int:
-    import threading
-
-    return threading.get_native_id()
