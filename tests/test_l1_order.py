@@ -379,7 +379,7 @@ def test_touch_all_leaves_the_same_order_as_touching_one_by_one(salts, picks, ta
             order.push(e)
         return order, entries
 
-    def state(order: EvictionOrder) -> tuple[list[int], dict[str, list[int]]]:
+    def state(order: EvictionOrder, entries: list[Entry]) -> tuple[list[int], dict[str, list[int]]]:
         ids = {id(e): n for n, e in enumerate(entries)}
         return [ids[id(e)] for e in order], {s: [ids[id(e)] for e in order.of_salt(s)] for s in order.salts()}
 
@@ -391,7 +391,5 @@ def test_touch_all_leaves_the_same_order_as_touching_one_by_one(salts, picks, ta
     for n in chosen:
         one_by_one.touch(entries[n])
     together.touch_all([twins[n] for n in chosen])
-    expected = state(one_by_one)
-    entries = twins
-    assert state(together) == expected
+    assert state(together, twins) == state(one_by_one, entries)
     assert together.problems() == []
