@@ -15,7 +15,9 @@ import pytest
 import trio
 
 from trio_kv.client import AsyncClient
-from trio_kv.errors import ErrorCode, ServerError
+from trio_kv.core import registry
+from trio_kv.core.peers import Peer
+from trio_kv.errors import ErrorCode, ServerError, TrioKVError
 from trio_kv.testing import make_kv_cache
 
 from .conftest import BLOCK_SIZE
@@ -124,3 +126,42 @@ async def test_a_file_the_peer_does_not_own_is_refused(server, sealed):
             assert err.value.code == ErrorCode.PERMISSION_DENIED
             assert "uid 65534" in err.value.message
         assert server.engine.instances == {}
+
+
+def _peer(pipe_id: int) -> Peer:
+    return Peer(pipe_id, "test://", uid=os.getuid(), pid=os.getpid())
+
+
+async def test_a_reconnecting_engine_may_register_before_its_old_connection_is_reported_gone(server, kv):
+    # nng reports a closed pipe from its own thread, possibly after the engine's new
+    # connection has already sent its registration: that one waits for the old hold to end.
+    old, new = _peer(9001), _peer(9002)
+    request = kv.register_request("engine")
+    await server.engine.aregister(request, old)
+    registered = []
+    async with trio.open_nursery() as nursery:
+
+        async def register_again() -> None:
+            registered.append(await server.engine.aregister(request, new))
+
+        nursery.start_soon(register_again)
+        await trio.sleep(0.05)
+        assert registered == []  # still waiting: the old connection looks open
+        old.closed = True  # as nng's thread does, then the Trio-side drop
+        assert server.engine.drop_peer(old) == 1
+    assert registered and new.instances == {"engine"} and old.instances == set()
+    assert server.engine.drop_peer(new) == 1
+
+
+async def test_a_registration_held_by_an_open_connection_is_refused_after_the_grace(server, kv, monkeypatch):
+    monkeypatch.setattr(registry, "HOLDER_GRACE_S", 0.2)
+    holder, other = _peer(9011), _peer(9012)
+    request = kv.register_request("engine")
+    await server.engine.aregister(request, holder)
+    started = trio.current_time()
+    with pytest.raises(TrioKVError) as err:
+        await server.engine.aregister(request, other)
+    assert err.value.code == ErrorCode.PERMISSION_DENIED
+    assert trio.current_time() - started >= 0.2
+    assert server.engine.registry._holders["engine"] is holder and other.instances == set()
+    assert server.engine.drop_peer(holder) == 1

@@ -4,6 +4,9 @@ An instance belongs to the connection (``Peer``) that registered it: another con
 neither replace nor unregister it while that one is open, and it is dropped when that
 connection goes away, or (sealed memfds) when the process that owns the memory exits. A
 registration made with no peer (from inside the server's process) belongs to no connection.
+A connection that closes and dials again (an engine reconnecting) may reach the server before
+nng has reported the old pipe gone: a registration of an instance another open connection
+holds therefore waits up to ``HOLDER_GRACE_S`` for that holder to go before it is refused.
 Dropping one only forgets the mapping: a copy in flight keeps its own reference to it, and
 the transfer backend releases it once nothing does (CUDA: in a thread, off the event loop).
 """
@@ -11,6 +14,8 @@ the transfer backend releases it once nothing does (CUDA: in a thread, off the e
 from __future__ import annotations
 
 import logging
+
+import trio
 
 from ..errors import ErrorCode, TrioKVError
 from ..protocol import Registered, RegisterKVCache
@@ -20,11 +25,14 @@ from .peers import Peer
 
 log = logging.getLogger(__name__)
 
+HOLDER_GRACE_S = 1.0  # how long a registration waits for another connection's hold to end
+
 
 class InstanceRegistry:
     def __init__(self) -> None:
         self.instances: dict[str, MappedKVCache] = {}
         self._holders: dict[str, Peer] = {}
+        self._freed: dict[str, trio.Event] = {}  # set once the instance id's holder lets go
         # Registrations of sealed memfds are dropped when the process that owns the memory exits.
         self.owners = OwnerWatch(self._owner_exited)
 
@@ -42,7 +50,9 @@ class InstanceRegistry:
     ) -> Registered:
         """``register``, opened with ``transfer.aopen`` (CUDA: in a worker thread). What the peer
         may do is checked again once it is open: the connection may have gone away meanwhile, and
-        its drop found nothing to drop. A registration refused then, or cancelled, is closed."""
+        its drop found nothing to drop. A registration refused then, or cancelled, is closed.
+        An instance another open connection holds is waited for (``HOLDER_GRACE_S``) first."""
+        await self._wait_for_holder(request.instance_id, peer)
         self.check_may_register(request.instance_id, peer)
         cache = await transfer.aopen(request, owner_uid=None if peer is None else peer.uid)
         try:
@@ -99,10 +109,23 @@ class InstanceRegistry:
             raise TrioKVError(ErrorCode.UNKNOWN_INSTANCE, f"no KV cache registered as {instance_id!r}")
         return cache
 
-    def _check_holder(self, instance_id: str, peer: Peer | None, action: str) -> None:
-        holder = self._holders.get(instance_id)
-        if peer is None or holder is None or holder is peer or holder.closed:
+    async def _wait_for_holder(self, instance_id: str, peer: Peer | None) -> None:
+        """Wait (bounded) until no other open connection holds ``instance_id``."""
+        if not self._held_by_other(instance_id, peer):
             return
+        with trio.move_on_after(HOLDER_GRACE_S):
+            while self._held_by_other(instance_id, peer):
+                freed = self._freed.setdefault(instance_id, trio.Event())
+                await freed.wait()
+
+    def _held_by_other(self, instance_id: str, peer: Peer | None) -> bool:
+        holder = self._holders.get(instance_id)
+        return not (peer is None or holder is None or holder is peer or holder.closed)
+
+    def _check_holder(self, instance_id: str, peer: Peer | None, action: str) -> None:
+        if not self._held_by_other(instance_id, peer):
+            return
+        holder = self._holders[instance_id]
         raise TrioKVError(
             ErrorCode.PERMISSION_DENIED,
             f"cannot {action} {instance_id!r}: it belongs to {holder.describe()}, still open",
@@ -113,6 +136,9 @@ class InstanceRegistry:
         holder = self._holders.pop(instance_id, None)
         if holder is not None:
             holder.instances.discard(instance_id)
+        freed = self._freed.pop(instance_id, None)
+        if freed is not None:
+            freed.set()
         if cache is not None:
             self.owners.forget(cache)
         return cache is not None
