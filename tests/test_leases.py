@@ -98,3 +98,31 @@ def test_a_regrant_carries_over_the_leases_it_keeps_and_pins_nothing_twice():
     assert leases.release_chunks(OWNER, 1, 2) == 1  # chunk indexes are the new grant's
     assert entries[0].leases == 0
     assert leases.next_deadline() == 20.0
+
+
+def test_a_repeated_identical_grant_keeps_the_pins_and_a_changed_index_is_a_new_set():
+    _, leases, entries = make(2)
+    hits = [(0, entries[0]), (1, entries[1])]
+    assert leases.grant(OWNER, hits, 5.0) == 2
+    assert leases.grant(OWNER, list(hits), 6.0) == 2
+    assert [e.leases for e in entries] == [1, 1] and len(leases) == 2
+    # The same entries under other chunk indexes: release_chunks must see the new indexes.
+    assert leases.grant(OWNER, [(3, entries[0]), (4, entries[1])], 7.0) == 2
+    assert leases.release_chunks(OWNER, 0, 3) == 0
+    assert leases.release_chunks(OWNER, 3, 4) == 1
+    assert [e.leases for e in entries] == [0, 1]
+
+
+def test_the_deadline_heap_stays_bounded_under_repeated_and_released_grants():
+    _, leases, entries = make(3)
+    for n in range(5000):
+        leases.grant(OWNER, [(0, entries[0])], 10.0 + n)
+        leases.grant(("s", f"once-{n}"), [(0, entries[1])], 10.0 + n)
+        leases.release_all(("s", f"once-{n}"))
+    leases.grant(("s", "late"), [(0, entries[2])], 1e9)
+    assert leases.heap_size() <= 2 * leases.owners() + 65
+    # Rebuilding kept every live deadline: the repeated owner's last one, then the late one.
+    assert leases.next_deadline() == 10.0 + 4999
+    assert leases.expire(10.0 + 4999) == 1
+    assert leases.next_deadline() == 1e9
+    assert [e.leases for e in entries] == [0, 0, 1]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from ..keys import ObjectKey
 from .l1 import Entry, L1Store
@@ -23,6 +23,16 @@ class _LeaseSet:
     def __init__(self, deadline: float) -> None:
         self.deadline = deadline
         self.held: dict[ObjectKey, tuple[int, Entry]] = {}  # key -> (chunk index, entry)
+
+
+def _same_chunks(held: dict[ObjectKey, tuple[int, Entry]], chunks: Sequence[tuple[int, Entry]]) -> bool:
+    """Whether ``chunks`` are exactly the ``(chunk index, entry)`` pairs ``held``, in order."""
+    if len(held) != len(chunks):
+        return False
+    for (index, entry), (held_index, held_entry) in zip(chunks, held.values()):
+        if entry is not held_entry or index != held_index:
+            return False
+    return True
 
 
 class LeaseTable:
@@ -40,14 +50,21 @@ class LeaseTable:
     def owners(self) -> int:
         return len(self._sets)
 
-    def grant(self, owner: LeaseOwner, chunks: Iterable[tuple[int, Entry]], deadline: float) -> int:
+    def grant(self, owner: LeaseOwner, chunks: Sequence[tuple[int, Entry]], deadline: float) -> int:
         """Lease ``(chunk index, entry)`` pairs to ``owner``, replacing what it held before.
 
         A lease the owner already held on the same entry is carried over, not dropped and
         taken again (a repeated lookup for one request pins nothing twice); what the new set
         does not hold is released after the new set is pinned, so shared chunks never become
         evictable in between."""
-        previous = self._sets.pop(owner, None)
+        previous = self._sets.get(owner)
+        if previous is not None and _same_chunks(previous.held, chunks):
+            # A lookup repeated while nothing changed (a waiting request asked again): the
+            # leases stay as they are, only their deadline moves.
+            previous.deadline = deadline
+            self._push_deadline(deadline, owner)
+            return len(previous.held)
+        self._sets.pop(owner, None)
         before = previous.held if previous is not None else {}
         fresh = _LeaseSet(deadline)
         for chunk_index, entry in chunks:
@@ -64,8 +81,25 @@ class LeaseTable:
             self._l1.drop_lease(entry)
         if fresh.held:
             self._sets[owner] = fresh
-            heapq.heappush(self._deadlines, (deadline, next(self._sequence), owner))
+            self._push_deadline(deadline, owner)
         return len(fresh.held)
+
+    def _push_deadline(self, deadline: float, owner: LeaseOwner) -> None:
+        """Queue ``owner``'s new deadline. The entries of replaced or released sets stay in
+        the heap until they reach its top; once they outnumber the live sets the heap is
+        rebuilt, so lookups repeated at a high rate cannot grow it for a whole TTL."""
+        if len(self._deadlines) > 2 * len(self._sets) + 64:
+            self._deadlines = [
+                (lease_set.deadline, next(self._sequence), live_owner)
+                for live_owner, lease_set in self._sets.items()
+                if live_owner != owner
+            ]
+            heapq.heapify(self._deadlines)
+        heapq.heappush(self._deadlines, (deadline, next(self._sequence), owner))
+
+    def heap_size(self) -> int:
+        """Deadline entries queued, live or stale (tests)."""
+        return len(self._deadlines)
 
     def release_keys(self, owner: LeaseOwner, keys: Iterable[ObjectKey]) -> int:
         lease_set = self._sets.get(owner)
