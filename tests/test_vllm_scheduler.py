@@ -12,8 +12,9 @@ from types import SimpleNamespace
 import pytest
 
 from trio_kv.keys import pack_tokens
+from trio_kv.vllm import request_state
 from trio_kv.vllm.metadata import ScheduledRequest, SchedulerStep
-from trio_kv.vllm.request_state import key_model, tenant_salt
+from trio_kv.vllm.request_state import RequestState, key_model, tenant_salt
 
 from .vllm_fakes import BLOCK, CHUNK, FakeClient, FakeRequest, scheduler_logic, tokens
 
@@ -215,6 +216,41 @@ def test_a_rewound_request_stores_its_recomputed_chunks_again():
     # A load failed: vLLM goes back to token 40 and computes again.
     (store,) = logic.build_connector_meta(step(ScheduledRequest("r", 40, 90))).stores
     assert store.start == CHUNK
+
+
+def test_each_token_id_is_packed_once_for_the_lookup_the_retrieve_and_the_stores(monkeypatch):
+    packed_ids = []
+
+    def counting_pack(ids):
+        packed_ids.extend(ids)
+        return pack_tokens(ids)
+
+    monkeypatch.setattr(request_state, "pack_tokens", counting_pack)
+    client = FakeClient()
+    client.lookup_hits = 2 * CHUNK
+    logic = scheduler_logic(client)
+    request = FakeRequest("r", tokens(130))
+    matched, _ = looked_up(logic, request)
+    logic.update_state_after_alloc(request, blocks(9), matched)
+    first = logic.build_connector_meta(step(ScheduledRequest("r", 64, 66, blocks(9), True)))
+    request.all_token_ids += tokens(40, offset=1000)  # decoding appends ids
+    second = logic.build_connector_meta(step(ScheduledRequest("r", 130, 40, blocks(2, first=109))))
+    ((_, key),) = client.of("lookup")
+    assert key.tokens == pack_tokens(tokens(128))
+    assert first.retrieves[0].tokens == pack_tokens(tokens(64))
+    assert first.stores[0].tokens == pack_tokens(tokens(128))
+    assert second.stores[0].tokens == pack_tokens(request.all_token_ids[:160])
+    assert packed_ids == request.all_token_ids[:160]  # every id once, in order
+
+
+def test_packed_tokens_are_packed_again_when_the_ids_changed_under_them():
+    request = FakeRequest("r", tokens(64))
+    state = RequestState(request, "m")
+    assert state.packed_tokens(64) == pack_tokens(tokens(64))
+    request.all_token_ids[63] = 999_999
+    assert state.packed_tokens(64) == pack_tokens(request.all_token_ids)
+    request.all_token_ids[:] = tokens(10, offset=5)  # shorter than what was packed
+    assert state.packed_tokens(10) == pack_tokens(tokens(10, offset=5))
 
 
 def test_the_cache_salt_is_in_every_call():

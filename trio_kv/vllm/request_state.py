@@ -10,7 +10,7 @@ from concurrent.futures import Future
 from typing import Any, Protocol
 
 from ..errors import TrioKVError
-from ..keys import validate_salt
+from ..keys import pack_tokens, validate_salt
 from .metadata import RetrievePlan
 
 
@@ -96,6 +96,8 @@ class RequestState:
         "local_tokens",
         "lookup",
         "model",
+        "packed",
+        "packed_last",
         "pending_retrieve",
         "request",
         "salt",
@@ -109,7 +111,24 @@ class RequestState:
         self.model = key_model(model, request)  # None: trio-kv neither loads nor stores it
         self.session_open = False  # a lookup named this request id: EndSession at the end
         self.had_store = False  # a store was planned: request_finished must keep the blocks
+        self.packed = b""  # the leading token ids packed so far (packed_tokens)
+        self.packed_last = -1
         self.readmit()
+
+    def packed_tokens(self, end: int) -> bytes:
+        """``request.all_token_ids[:end]`` in packed form. vLLM only appends to a request's
+        token ids, so each id is packed once however many lookups, retrieves and stores
+        name it (packing costs ~10 ns a token, ~40 us for a 4096-token prompt, on the
+        scheduler's thread). Should the last packed id differ from the request's, the
+        ids changed under us and everything is packed again."""
+        tokens = self.request.all_token_ids
+        have = len(self.packed) // 4
+        if have and (have > len(tokens) or tokens[have - 1] != self.packed_last):
+            self.packed, have = b"", 0
+        if end > have:
+            self.packed += pack_tokens(tokens[have:end])
+            self.packed_last = tokens[end - 1]
+        return self.packed[: 4 * end]
 
     def readmit(self) -> None:
         """Forget the last admission (a new request, or one preempted since)."""

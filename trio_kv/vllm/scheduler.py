@@ -26,7 +26,7 @@ from collections.abc import Callable
 import msgspec
 
 from ..client import BlockingClient
-from ..keys import RequestKey, pack_tokens
+from ..keys import RequestKey
 from .background import BackgroundCalls
 from .config import ConnectorConfig
 from .connection import check_chunk_size, connect
@@ -177,7 +177,7 @@ class SchedulerLogic:
             request_id=request.request_id,
             model=tracker.model,
             cache_salt=tracker.salt,
-            tokens=pack_tokens(request.all_token_ids[:load_end]),
+            tokens=tracker.packed_tokens(load_end),
             block_ids=tracker.block_ids[: load_end // self.block_size],
             skip_tokens=local,
             is_async=self.async_load,
@@ -255,7 +255,7 @@ class SchedulerLogic:
             tracker.model,
             self.world_size,
             None,
-            pack_tokens(request.all_token_ids[:end]),
+            tracker.packed_tokens(end),
             request_id=request.request_id,
             cache_salt=tracker.salt,
         )
@@ -346,7 +346,7 @@ class SchedulerLogic:
             request_id=tracker.request.request_id,
             model=tracker.model,
             cache_salt=tracker.salt,
-            tokens=pack_tokens(tokens[:end]),
+            tokens=tracker.packed_tokens(end),
             block_ids=tracker.block_ids[: end // self.block_size],
             start=tracker.stored_until,
         )
