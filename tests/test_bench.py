@@ -35,6 +35,9 @@ REQUIRED_FIGURES = (
     "server_cpu_us_per_lookup",
     "loop_lag_p99_ms",
     "metadata_bytes_per_chunk",
+    "lookup_packed_p50_us",
+    "lookup_packed_ratio",
+    "lookup_16_packed_throughput_ratio",
 )
 
 
@@ -53,6 +56,9 @@ def test_bench_cpu_json_reports_every_figure_with_ratios_of_the_figures(capsys):
     assert report["retrieve_ratio"] == pytest.approx(report["retrieve_gbps"] / report["memcpy_gbps"])
     assert report["lookup_ratio"] == pytest.approx(report["lookup_p50_us"] / report["nng_echo_p50_us"])
     assert report["lookup_p99_ratio"] == pytest.approx(report["lookup_p99_us"] / report["nng_echo_p99_us"])
+    assert report["lookup_packed_ratio"] == pytest.approx(
+        report["lookup_packed_p50_us"] / report["nng_echo_p50_us"]
+    )
     assert report["lookup_16_throughput_ratio"] == pytest.approx(
         report["lookup_16_throughput"] / report["echo_16_throughput"]
     )

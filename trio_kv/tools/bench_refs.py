@@ -224,6 +224,38 @@ class RedisExists:
         return int(reply[1:].split(b"\r\n", 1)[0])
 
 
+# ------------------------------------------------------------ one client's latency
+
+
+def percentile_us(samples_ns: Sequence[int], fraction: float) -> float:
+    ordered = sorted(samples_ns)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] / 1000
+
+
+def latency_samples(
+    client: BlockingClient, keys: Sequence[RequestKey], echo_url: str, count: int, warmup: int
+) -> tuple[list[list[int]], list[int]]:
+    """Nanoseconds per lookup of each of ``keys`` and per echo of a message as large as the
+    encoded Lookup; they alternate, so drift in the machine hits all alike. Warm-up samples
+    (connections and caches settling) are dropped, not reported."""
+    payload = echo_payload(keys[0])
+    lookups: list[list[int]] = [[] for _ in keys]
+    echoes = []
+    with pynng.Req0(dial=echo_url, block_on_dial=True, resend_time=-1) as echo:
+        for _ in range(warmup + count):
+            for key, samples in zip(keys, lookups):
+                start = time.perf_counter_ns()
+                result = client.lookup(key)
+                samples.append(time.perf_counter_ns() - start)
+                if result.hit_tokens * 4 != len(packed_key(key).tokens):
+                    raise BenchFailed(f"lookup of a stored prompt found {result}")
+            start = time.perf_counter_ns()
+            echo.send(payload)
+            echo.recv()
+            echoes.append(time.perf_counter_ns() - start)
+    return [samples[warmup:] for samples in lookups], echoes[warmup:]
+
+
 # ------------------------------------------------------------ load from client processes
 
 

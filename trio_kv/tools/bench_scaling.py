@@ -30,7 +30,6 @@ from ..client import BlockingClient
 from ..export.shm import SharedKVCache, create_shared_kv_cache
 from ..keys import RequestKey
 from . import bench_refs as refs
-from .bench_cpu import _latency_samples, _percentile_us
 from .bench_memcpy import chunk_buffers, memcpy_seconds
 from .common import BenchFailed, emit
 
@@ -153,8 +152,8 @@ def _clients(
 
 
 def _p50s(client: BlockingClient, key: RequestKey, echo_url: str, count: int = 400) -> tuple[float, float]:
-    lookups, echoes = _latency_samples(client, key, echo_url, count, warmup=50)
-    return _percentile_us(lookups, 0.5), _percentile_us(echoes, 0.5)
+    (lookups,), echoes = refs.latency_samples(client, [key], echo_url, count, warmup=50)
+    return refs.percentile_us(lookups, 0.5), refs.percentile_us(echoes, 0.5)
 
 
 def _cached(directory: str, echo_url: str, max_cached: int) -> list[CachedRow]:
