@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from trio_kv.testing import make_kv_cache
-from trio_kv.transfer import CpuTransfer
+from trio_kv.transfer import CpuTransfer, mapped
 from trio_kv.transfer.layout import KVLayout, Segment
-from trio_kv.transfer.mapped import MIN_RUN_BYTES, CopyJob, MappedKVCache, copy_steps
+from trio_kv.transfer.mapped import MIN_RUN_BYTES, CopyJob, MappedKVCache, copy_steps, share_of
 
 NUM_BLOCKS = 48
 BLOCKS_PER_CHUNK = 8
@@ -88,8 +88,13 @@ def caches() -> dict[str, tuple[MappedKVCache, torch.Tensor]]:
 @pytest.mark.parametrize("layout", ["strided", "per_layer", "cross_layer"])
 @pytest.mark.parametrize("min_run_bytes", [0, MIN_RUN_BYTES, 1 << 40], ids=["slices", "default", "take"])
 @pytest.mark.parametrize("parts", [1, 2, 3])
+@pytest.mark.parametrize("split", ["rows", "units"])
 @pytest.mark.parametrize("seed", range(3))
-def test_gather_then_scatter_moves_the_reference_bytes(caches, layout, min_run_bytes, parts, seed):
+def test_gather_then_scatter_moves_the_reference_bytes(
+    caches, layout, min_run_bytes, parts, split, seed, monkeypatch
+):
+    # Parts split each (job, segment) unit by rows, or take whole units in turn.
+    monkeypatch.setattr(mapped, "WHOLE_UNITS_PER_PART", 1 if split == "units" else 1 << 40)
     rng = random.Random(f"{layout}-{min_run_bytes}-{parts}-{seed}")
     cache, region = caches[layout]
     cache.min_run_bytes = min_run_bytes
@@ -136,3 +141,22 @@ def test_copy_steps_of_a_share_start_and_stop_inside_runs():
     assert copy_steps(index, slice(7, 13), min_rows=2) == [(7, 13, 17)]
     assert copy_steps(index, slice(7, 7), min_rows=2) == []
     assert copy_steps(index, slice(7, 7), min_rows=100) == []
+
+
+def test_whole_units_go_to_one_part_each_and_few_units_are_split_by_rows(caches):
+    # Unit u of a copy goes to the part p with (p + u) % parts == 0: each unit exactly once.
+    for parts in (2, 3):
+        owners = [
+            [p for p in range(parts) if share_of(5, p + u, parts, whole=True) == slice(0, 5)]
+            for u in range(7)
+        ]
+        assert all(len(o) == 1 for o in owners)
+        assert all(
+            share_of(5, p + u, parts, whole=True).stop - share_of(5, p + u, parts, whole=True).start in (0, 5)
+            for u in range(7)
+            for p in range(parts)
+        )
+    cache, _ = caches["cross_layer"]  # one segment: one unit per job
+    jobs = [CopyJob([0], torch.zeros(1, dtype=torch.uint8))] * (2 * mapped.WHOLE_UNITS_PER_PART)
+    assert cache._whole_units(jobs, 2) and not cache._whole_units(jobs[:-1], 2)
+    assert not cache._whole_units(jobs, 1)
