@@ -13,7 +13,7 @@ import torch
 from trio_kv.testing import make_kv_cache
 from trio_kv.transfer import CpuTransfer, mapped
 from trio_kv.transfer.layout import KVLayout, Segment
-from trio_kv.transfer.mapped import MIN_RUN_BYTES, CopyJob, MappedKVCache, copy_steps, share_of
+from trio_kv.transfer.mapped import MIN_RUN_BYTES, CopyJob, MappedKVCache, copy_steps, group_segments
 
 NUM_BLOCKS = 48
 BLOCKS_PER_CHUNK = 8
@@ -143,20 +143,21 @@ def test_copy_steps_of_a_share_start_and_stop_inside_runs():
     assert copy_steps(index, slice(7, 7), min_rows=100) == []
 
 
-def test_whole_units_go_to_one_part_each_and_few_units_are_split_by_rows(caches):
-    # Unit u of a copy goes to the part p with (p + u) % parts == 0: each unit exactly once.
-    for parts in (2, 3):
-        owners = [
-            [p for p in range(parts) if share_of(5, p + u, parts, whole=True) == slice(0, 5)]
-            for u in range(7)
-        ]
-        assert all(len(o) == 1 for o in owners)
-        assert all(
-            share_of(5, p + u, parts, whole=True).stop - share_of(5, p + u, parts, whole=True).start in (0, 5)
-            for u in range(7)
-            for p in range(parts)
-        )
-    cache, _ = caches["cross_layer"]  # one segment: one unit per job
-    jobs = [CopyJob([0], torch.zeros(1, dtype=torch.uint8))] * (2 * mapped.WHOLE_UNITS_PER_PART)
-    assert cache._whole_units(jobs, 2) and not cache._whole_units(jobs[:-1], 2)
-    assert not cache._whole_units(jobs, 1)
+def test_segments_alike_at_even_steps_group_into_one_view():
+    seg = Segment  # offset, block stride, piece bytes
+    assert group_segments([seg(0, 64, 64), seg(1000, 64, 64), seg(2000, 64, 64), seg(3000, 64, 64)]) == [
+        (0, 4)
+    ]
+    assert group_segments([seg(0, 64, 64), seg(1000, 64, 64), seg(2500, 64, 64), seg(4000, 64, 64)]) == [
+        (0, 2),
+        (2, 2),
+    ]  # the step changes after the second
+    assert group_segments([seg(0, 64, 64), seg(1000, 64, 32), seg(2000, 64, 32)]) == [(0, 1), (1, 2)]
+    assert group_segments([seg(1000, 64, 64), seg(0, 64, 64)]) == [(0, 1), (1, 1)]  # a step down
+    assert group_segments([seg(0, 96, 64)]) == [(0, 1)]
+    assert group_segments([]) == []
+
+
+def test_a_per_layer_cache_is_one_group_of_every_k_and_v(caches):
+    cache, _ = caches["per_layer"]
+    assert [group.count for group in cache.groups] == [len(cache.layout.segments)]
