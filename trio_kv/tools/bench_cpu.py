@@ -224,43 +224,22 @@ def run_cpu(args: argparse.Namespace) -> CpuBenchResult:
                 )
                 client.end_session(lookup_key.request_id)
             payload = refs.echo_payload(lookup_key)
-            refs.progress(f"bench cpu: {args.clients} lookup clients for {args.load_seconds} s")
-            lookup_rate, server_cpu = refs.run_load(
-                "lookup",
-                (url, lookup_key),
-                clients=args.clients,
-                seconds=args.load_seconds,
-                server_pid=server.pid,
-            )
-            refs.progress(f"bench cpu: {args.clients} packed-key lookup clients for {args.load_seconds} s")
-            packed_rate, _ = refs.run_load(
-                "lookup",
-                (url, packed_lookup_key),
-                clients=args.clients,
-                seconds=args.load_seconds,
-                server_pid=server.pid,
-            )
-            refs.progress(f"bench cpu: {args.clients} echo clients for {args.load_seconds} s")
-            echo_rate, echo_cpu = refs.run_load(
-                "echo",
-                (echo_url, payload),
-                clients=args.clients,
-                seconds=args.load_seconds,
-                server_pid=echo_pid,
-            )
+
+            def load(op: str, label: str, op_args: tuple[object, ...], pid: int) -> tuple[float, float]:
+                refs.progress(f"bench cpu: {args.clients} {label} clients for {args.load_seconds} s")
+                return refs.run_load(
+                    op, op_args, clients=args.clients, seconds=args.load_seconds, server_pid=pid
+                )
+
+            lookup_rate, server_cpu = load("lookup", "lookup", (url, lookup_key), server.pid)
+            packed_rate, _ = load("lookup", "packed-key lookup", (url, packed_lookup_key), server.pid)
+            echo_rate, echo_cpu = load("echo", "echo", (echo_url, payload), echo_pid)
             redis_rate = None
             if refs.redis_path() is not None:
-                refs.progress(f"bench cpu: {args.clients} redis clients for {args.load_seconds} s")
                 with refs.redis_server(directory) as (path, redis_pid):
                     packed = pack_tokens(tokens)
                     refs.RedisExists(path, packed, CHUNK_TOKENS * 4).set_all()
-                    redis_rate, _ = refs.run_load(
-                        "redis",
-                        (path, packed, CHUNK_TOKENS * 4),
-                        clients=args.clients,
-                        seconds=args.load_seconds,
-                        server_pid=redis_pid,
-                    )
+                    redis_rate, _ = load("redis", "redis", (path, packed, CHUNK_TOKENS * 4), redis_pid)
     refs.progress(f"bench cpu: L1 metadata of {args.metadata_chunks} chunks")
     metadata = metadata_bytes_per_chunk(args.metadata_chunks)
     total_bytes = args.chunks * chunk_bytes
