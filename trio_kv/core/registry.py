@@ -111,8 +111,6 @@ class InstanceRegistry:
 
     async def _wait_for_holder(self, instance_id: str, peer: Peer | None) -> None:
         """Wait (bounded) until no other open connection holds ``instance_id``."""
-        if not self._held_by_other(instance_id, peer):
-            return
         with trio.move_on_after(HOLDER_GRACE_S):
             while self._held_by_other(instance_id, peer):
                 freed = self._freed.setdefault(instance_id, trio.Event())

@@ -189,7 +189,7 @@ def group_segments(segments: Sequence[Segment]) -> list[tuple[int, int]]:
     for i in range(1, len(segments) + 1):
         if i < len(segments):
             a, b = segments[first], segments[i]
-            step = segments[first + 1].offset - a.offset if i > first + 1 else b.offset - a.offset
+            step = segments[first + 1].offset - a.offset  # the group's step (b's own, if b is second)
             if (
                 b.piece_bytes == a.piece_bytes
                 and b.block_stride == a.block_stride
