@@ -57,6 +57,18 @@ def test_an_operation_has_one_signature_on_both_clients(unconnected, name):
     assert not inspect.iscoroutinefunction(blocking_operation)
 
 
+def test_an_operation_is_bound_once_per_client_and_calls_that_client(unconnected):
+    async_client, blocking_client = unconnected
+    assert blocking_client.lookup is blocking_client.lookup  # kept, not rebuilt per call
+    assert async_client.lookup is async_client.lookup
+    with pynng.Req0() as sock:
+        other = BlockingClient(sock, 1.0)
+        other.fail_fast = True
+        assert other.ping is not blocking_client.ping
+        with pytest.raises(ConnectionError):
+            other.ping()  # the other client's own call, not the first client's
+
+
 async def test_an_operation_looked_up_on_the_class_takes_the_client_first(unconnected):
     _, blocking_client = unconnected
     blocking_client.fail_fast = True
