@@ -3,9 +3,9 @@
 Two kinds of numbers:
 
 - **Per request** (recorded in ``Server.handle``/``handle_now`` on the Trio thread): request counts by kind and
-  outcome and latency histograms through prometheus-client children created once and cached;
-  lookup tokens and bytes moved per salt as plain integers in ``SaltTraffic`` (one dict lookup
-  and a few additions per request; no lock, since only the Trio thread writes them).
+  outcome and latency histograms (``request_counts``), lookup tokens and bytes moved per salt
+  (``SaltTraffic``), all as plain numbers (no lock: only the Trio thread writes them, and
+  scrapes read them on that thread), made into Prometheus families at scrape time.
 - **At scrape time** (``_StateCollector``): usage, capacity and quotas per tier and salt,
   evictions, write-behind queues, adapter errors and health, read from one ``engine.status()``
   snapshot (``core/status.py``, built from counters that already exist), so the hot paths pay
@@ -20,13 +20,12 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import trio
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 
 from ..core.engine import CacheEngine
 from ..core.quotas import L1_TIER, QuotaBook, salt_to_url_name
-from ..errors import ErrorCode
 from ..keys import effective_end
 from ..protocol import (
     Error,
@@ -40,11 +39,8 @@ from ..protocol import (
     StoreResult,
 )
 from .metrics_l2 import l2_metrics
+from .request_counts import KindCounts, request_families
 
-# Requests take ~0.1 ms (lookups) to tens of ms (large copies); the prometheus defaults start at 5 ms.
-REQUEST_BUCKETS = (
-    1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-)  # fmt: skip
 LOOP_LAG_BUCKETS = (0.0005, 0.001, 0.0015, 0.002, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)  # fmt: skip
 LOOP_LAG_INTERVAL_S = 0.25
 UNKNOWN_KIND = "unknown"  # requests that never decoded (or arrived while draining)
@@ -74,29 +70,6 @@ class SaltTraffic:
         return {name: getattr(self, name) for name in self.__slots__}
 
 
-class _KindMetrics:
-    """Cached label children of one request kind."""
-
-    __slots__ = ("_requests", "errors", "kind", "latency", "ok")
-
-    def __init__(self, kind: str, requests: Counter, latency: Histogram) -> None:
-        self.kind = kind
-        self._requests = requests
-        self.ok = requests.labels(kind, "ok")
-        self.latency = latency.labels(kind)
-        self.errors: dict[int, Counter] = {}
-
-    def error(self, code: int) -> Counter:
-        child = self.errors.get(code)
-        if child is None:
-            try:
-                outcome = ErrorCode(code).name
-            except ValueError:
-                outcome = f"code_{code}"
-            child = self.errors[code] = self._requests.labels(self.kind, outcome)
-        return child
-
-
 class ServerMetrics:
     """Every metric of one server. Call ``record_request`` once per answered request."""
 
@@ -104,19 +77,6 @@ class ServerMetrics:
         self.engine = engine
         self.quotas = quotas
         self.registry = CollectorRegistry(auto_describe=False)
-        self._requests = Counter(
-            "trio_kv_requests",
-            "Requests answered, by kind (request tag) and outcome (ok or the error code's name).",
-            ["kind", "outcome"],
-            registry=self.registry,
-        )
-        self._latency = Histogram(
-            "trio_kv_request_duration_seconds",
-            "Time from decoding a request to having its reply, by kind.",
-            ["kind"],
-            buckets=REQUEST_BUCKETS,
-            registry=self.registry,
-        )
         self._loop_lag = Histogram(
             "trio_kv_event_loop_lag_seconds",
             f"How late a task sleeping {LOOP_LAG_INTERVAL_S} s woke up (sampled event-loop lag).",
@@ -127,11 +87,10 @@ class ServerMetrics:
         # Replies the listeners could not hand to nng (set by the server that owns them).
         self.dropped_replies: Callable[[], int] = lambda: 0
         self.traffic: dict[str, SaltTraffic] = {}
-        self._kinds: dict[type, _KindMetrics] = {
-            kind: _KindMetrics(kind.__struct_config__.tag, self._requests, self._latency)
-            for kind in typing.get_args(Request)
+        self._kinds: dict[type, KindCounts] = {
+            kind: KindCounts(kind.__struct_config__.tag) for kind in typing.get_args(Request)
         }
-        self._unknown = _KindMetrics(UNKNOWN_KIND, self._requests, self._latency)
+        self._unknown = KindCounts(UNKNOWN_KIND)
         self.registry.register(_StateCollector(self))
 
     # ------------------------------------------------------------ per request
@@ -139,12 +98,12 @@ class ServerMetrics:
     def record_request(self, request: Any, reply: Any, seconds: float) -> None:
         """Count one answered request (``request`` is None if it never decoded)."""
         kind = self._kinds.get(type(request), self._unknown)
-        if type(reply) is Error:
-            kind.error(reply.code).inc()
-        else:
-            kind.ok.inc()
-        kind.latency.observe(seconds)
         reply_type = type(reply)
+        if reply_type is Error:
+            kind.error(reply.code)
+        else:
+            kind.ok += 1
+        kind.observe(seconds)
         if reply_type is LookupResult:
             self._record_lookup(request, reply)
         elif reply_type is StoreResult:
@@ -218,6 +177,7 @@ class _StateCollector:
     def collect(self) -> Iterator[Metric]:
         metrics = self._metrics
         status = metrics.engine.status()
+        yield from request_families([*metrics._kinds.values(), metrics._unknown])
         yield from self._traffic(metrics)
         yield from self._usage(status, metrics.quotas)
         yield from l2_metrics(status.l2)
