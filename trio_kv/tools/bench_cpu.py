@@ -123,10 +123,7 @@ def _copy_rounds(
                 + (" (warm-up)" if not round_index else "")
             )
             client.clear("")
-            keys = [
-                RequestKey(MODEL, 1, 0, [rng.randrange(2**32) for _ in range(n * CHUNK_TOKENS)])
-                for n, _ in spans
-            ]
+            keys = [RequestKey(MODEL, 1, 0, refs.token_ids(rng, n * CHUNK_TOKENS)) for n, _ in spans]
             start = time.perf_counter()
             for key, (n, blocks) in zip(keys, spans, strict=True):
                 stored = client.store(INSTANCE, key, list(blocks))
@@ -206,7 +203,7 @@ def run_cpu(args: argparse.Namespace) -> CpuBenchResult:
                 if not verified:
                     raise BenchFailed("retrieved blocks differ from the stored ones")
                 rng = random.Random(0x1007)
-                tokens = [rng.randrange(2**32) for _ in range(args.lookup_chunks * CHUNK_TOKENS)]
+                tokens = refs.token_ids(rng, args.lookup_chunks * CHUNK_TOKENS)
                 key = RequestKey(MODEL, 1, 0, tokens, request_id="bench-lookup")
                 stored = client.store(INSTANCE, key, list(range(args.lookup_chunks * blocks_per_chunk)))
                 if stored.stored + stored.skipped_present != args.lookup_chunks:

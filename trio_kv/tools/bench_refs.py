@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import multiprocessing
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -33,6 +34,16 @@ from ..protocol import Lookup, encode
 from .common import BenchFailed
 
 _SPAWN = multiprocessing.get_context("spawn")
+
+# Token ids are drawn from Llama 3's vocabulary (the shape bench cpu models), as an engine's
+# are. Ids anywhere in [0, 2**32) would be two-digit Python ints, which cost the client 40
+# instead of 24 us to pack per 4096 ids: a cost no tokenizer's output has.
+VOCAB_SIZE = 128_256
+
+
+def token_ids(rng: random.Random, count: int) -> list[int]:
+    """``count`` random token ids of a real-sized vocabulary."""
+    return [rng.randrange(VOCAB_SIZE) for _ in range(count)]
 
 
 def progress(message: str) -> None:

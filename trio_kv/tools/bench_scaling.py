@@ -104,7 +104,7 @@ def _sizes(client: BlockingClient, rounds: int) -> list[SizeRow]:
                 best = [float("inf")] * 3
                 for round_index in range(rounds + 1):  # round 0 warms up
                     client.clear("")
-                    key = RequestKey("scaling", 1, 0, [rng.randrange(2**32) for _ in range(4 * 256)])
+                    key = RequestKey("scaling", 1, 0, refs.token_ids(rng, 4 * 256))
                     start = time.perf_counter()
                     if client.store(name, key, list(range(64))).stored != 4:
                         raise BenchFailed(f"store of 4 {chunk_bytes}-byte chunks failed")
@@ -176,7 +176,7 @@ def _cached(directory: str, echo_url: str, max_cached: int) -> list[CachedRow]:
             refs.progress(f"bench scaling: filling L1 to {step} chunks")
             while cached < step:
                 n = min(256, step - cached)
-                filler = RequestKey("fill", 1, 0, [rng.randrange(2**32) for _ in range(n * 16)])
+                filler = RequestKey("fill", 1, 0, refs.token_ids(rng, n * 16))
                 cached += client.store("fill", filler, list(range(n))).stored
             lookup, echo = _p50s(client, key, echo_url)
             rows.append(CachedRow(cached, lookup, echo, lookup / echo))
