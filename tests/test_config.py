@@ -241,3 +241,10 @@ def test_config_json_can_be_fed_back_as_a_toml_equivalent(tmp_path):
     config = load_config(environ={}, overrides={"chunk_size": 64, "workers": 7})
     lines = [f"{name} = {json.dumps(value)}" for name, value in json.loads(config_json(config)).items()]
     assert load_config(path=write_toml(tmp_path, "\n".join(lines)), environ={}) == config
+
+
+def test_the_non_temporal_threshold_is_a_size_0_or_at_least_64_kib():
+    assert load_config(environ={"TRIO_KV_COPY_NT_THRESHOLD": "1MiB"}).copy_nt_threshold == 1 << 20
+    assert load_config(environ={"TRIO_KV_COPY_NT_THRESHOLD": "0"}).copy_nt_threshold == 0
+    with pytest.raises(ConfigError, match="copy_nt_threshold"):
+        load_config(environ={"TRIO_KV_COPY_NT_THRESHOLD": "32KiB"})

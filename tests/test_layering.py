@@ -25,6 +25,7 @@ ALLOWED: dict[str, set[str]] = {
     "trio_kv.errors": set(),
     "trio_kv.sizes": set(),
     "trio_kv.msgpack_peek": set(),
+    "trio_kv.nt_stores": set(),
     "trio_kv.keys": {"trio_kv.errors"},
     "trio_kv.protocol": {"trio_kv.errors", "trio_kv.keys", "trio_kv.msgpack_peek"},
     "trio_kv.req_contexts": set(),
@@ -33,7 +34,8 @@ ALLOWED: dict[str, set[str]] = {
     "trio_kv.adapters": BASE,
     "trio_kv.transfer": BASE | {"trio_kv.export"},
     "trio_kv.core": BASE | {"trio_kv.adapters", "trio_kv.transfer", "trio_kv.export"},
-    "trio_kv.server": BASE | {"trio_kv.core", "trio_kv.adapters", "trio_kv.transfer", "trio_kv.export"},
+    "trio_kv.server": BASE
+    | {"trio_kv.core", "trio_kv.adapters", "trio_kv.transfer", "trio_kv.export", "trio_kv.nt_stores"},
     "trio_kv.vllm": BASE | {"trio_kv.client", "trio_kv.export", "trio_kv.req_contexts"},
     "trio_kv.testing": BASE
     | {"trio_kv.server", "trio_kv.core", "trio_kv.adapters", "trio_kv.transfer", "trio_kv.export"}

@@ -10,6 +10,7 @@ from typing import Any
 import msgspec
 
 from ..adapters.spec import AdapterSpec, parse_spec
+from ..nt_stores import DEFAULT_THRESHOLD, MIN_THRESHOLD
 from ..sizes import parse_size
 
 if sys.version_info >= (3, 11):
@@ -20,7 +21,7 @@ else:  # pragma: no cover
 DEFAULT_LISTEN = "ipc:///tmp/trio-kv.sock"
 ENV_PREFIX = "TRIO_KV_"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
-_SIZE_FIELDS = ("l1_size", "max_message_bytes", "max_session_bytes")
+_SIZE_FIELDS = ("l1_size", "max_message_bytes", "max_session_bytes", "copy_nt_threshold")
 _LIST_FIELDS = ("listen", "l2")
 
 
@@ -49,6 +50,7 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     nng_task_threads: int = 2
     loop_slice_us: int = 100
     copy_threads: int = 2
+    copy_nt_threshold: int = DEFAULT_THRESHOLD
     evict_high_watermark: float = 0.95
     evict_low_watermark: float = 0.90
     shm_dir: str = "/dev/shm"
@@ -117,6 +119,11 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         if not (self.loop_slice_us == 0 or 100 <= self.loop_slice_us <= 100_000):
             raise ConfigError(
                 f"loop_slice_us: 0 (the kernel's default) or 100..100000, got {self.loop_slice_us}"
+            )
+        if not (self.copy_nt_threshold == 0 or self.copy_nt_threshold >= MIN_THRESHOLD):
+            raise ConfigError(
+                f"copy_nt_threshold: 0 (glibc's default) or at least {MIN_THRESHOLD} bytes, "
+                f"got {self.copy_nt_threshold}"
             )
         if self.nng_task_threads < 2:
             raise ConfigError(f"nng_task_threads: nng runs at least 2, got {self.nng_task_threads}")

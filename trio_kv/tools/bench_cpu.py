@@ -30,6 +30,7 @@ from ..client import BlockingClient
 from ..errors import TrioKVError
 from ..export.shm import create_shared_kv_cache
 from ..keys import RequestKey, pack_tokens, packed_key
+from ..nt_stores import active_threshold
 from . import bench_refs as refs
 from .bench_memcpy import chunk_buffers, memcpy_seconds
 from .bench_metadata import metadata_bytes_per_chunk
@@ -95,6 +96,9 @@ class CpuBenchResult(msgspec.Struct):
     lookup_packed_p50_us: float = 0.0
     lookup_packed_ratio: float = 0.0
     lookup_16_packed_throughput_ratio: float = 0.0
+    # glibc's non-temporal threshold the server and the memmove reference both ran with (bytes;
+    # 0: glibc's default). `trio-kv bench cpu` sets what `trio-kv serve` would (nt_stores).
+    copy_nt_threshold: int = 0
     missed: list[str] = msgspec.field(default_factory=list)  # figures that miss their target
 
 
@@ -270,6 +274,7 @@ def run_cpu(args: argparse.Namespace) -> CpuBenchResult:
         lookup_message_bytes=len(payload),
         plain_file=kv.sealed is None,
         memcpy_threads=args.copy_threads,
+        copy_nt_threshold=active_threshold(),
         lookup_chunks=args.lookup_chunks,
         lookup_p99_ratio=lookup_p99 / echo_p99,
         clients=args.clients,

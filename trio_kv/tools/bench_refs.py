@@ -118,7 +118,9 @@ def serve(
     yields once it answers a ping. Settings come in as ``TRIO_KV_*`` variables in ``env``."""
     command = [sys.executable, "-m", "trio_kv", "serve", "--listen", url, "--log-level", "warning"]
     command += ["--admin", f"127.0.0.1:{admin_port}"]
-    process = subprocess.Popen(command, env={**os.environ, **(env or {})})
+    # The server copies as this process does: it inherits GLIBC_TUNABLES (the non-temporal
+    # threshold, nt_stores) and adds nothing of its own to it.
+    process = subprocess.Popen(command, env={**os.environ, "TRIO_KV_COPY_NT_THRESHOLD": "0", **(env or {})})
     try:
         deadline = time.monotonic() + 60
         while True:
