@@ -6,7 +6,7 @@ threshold defaults to 3/4 of the shared cache a thread may use, so on a host who
 large L3 (480 MiB on this project's VMs: 190 MiB) no copy of a KV chunk ever streams. KV bytes
 copied into L1 or out to an engine are not read again by this process soon, and a copy is
 memory-bound: measured here, 2 threads copying 512 KiB pieces 11.3-11.8 -> 17.6-17.8 GB/s with
-the threshold at 256 KiB, and ``bench cpu``'s store 10.2 -> 15.1 GB/s.
+the threshold at 256 KiB, and ``bench cpu``'s store 9.4-10.1 -> 14.6-15.8 GB/s.
 
 The threshold is a glibc *tunable*, read only when a process starts (``GLIBC_TUNABLES``), so
 ``trio-kv serve`` replaces itself once with the same command and the tunable added
