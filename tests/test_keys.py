@@ -423,3 +423,13 @@ def test_packed_tokens_must_be_whole_uint32s():
     with pytest.raises(TrioKVError) as err:
         validate_request_key(key, needs_rank=True)
     assert err.value.code == ErrorCode.INVALID_ARGUMENT
+
+
+def test_a_repeated_or_shorter_call_hashes_nothing_and_keeps_the_session_s_size():
+    hs, _ = sessions()
+    prompt = tokens(3 * CHUNK)
+    full = hs.hashes(key(prompt, request_id="r"), len(prompt))
+    size = hs.nbytes
+    assert hs.hashes(key(prompt, request_id="r"), len(prompt)) == full
+    assert hs.hashes(key(prompt[: 2 * CHUNK], request_id="r"), 2 * CHUNK) == full[:2]
+    assert (hs.chunks_hashed, hs.nbytes, len(hs)) == (3, size, 1)

@@ -73,6 +73,13 @@ class HashSessions:
             self.chunks_hashed += n_full
             return chain_hashes(packed, self.chunk_size)
         session_key = (key.cache_salt, key.request_id)
+        session = self._sessions.get(session_key)
+        if session is not None and session.packed.startswith(packed):
+            # Nothing new to hash (a repeated lookup, or a shorter prefix): the session only
+            # becomes the most recent, its size unchanged.
+            session.deadline = now + self.ttl
+            self._sessions.move_to_end(session_key)
+            return session.hashes[:n_full]
         session = self._pop(session_key)
         if session is None or not (packed.startswith(session.packed) or session.packed.startswith(packed)):
             # New request, or its tokens changed: start over.
