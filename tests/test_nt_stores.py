@@ -54,6 +54,18 @@ def test_a_process_that_only_imported_the_cli_is_never_replaced(monkeypatch):
     exec_with_threshold(DEFAULT_THRESHOLD)  # pytest's argv[0] is not trio-kv: returns
 
 
+def test_a_failed_replacement_is_said_and_the_process_goes_on(monkeypatch, capsys):
+    def refuse(*args):
+        raise PermissionError("execve not allowed here")
+
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.setattr(os, "execve", refuse)
+    monkeypatch.setattr(sys, "argv", ["/usr/local/bin/trio-kv", "serve"])
+    monkeypatch.setattr("trio_kv.nt_stores.supported", lambda: True)
+    exec_with_threshold(DEFAULT_THRESHOLD)
+    assert "execve not allowed here" in capsys.readouterr().err
+
+
 def _serve_environment(tmp_path, **env: str) -> dict[str, str]:
     """GLIBC_TUNABLES of a running ``trio-kv serve`` (read from /proc), and that it is the
     process that was started (same pid, answering pings)."""

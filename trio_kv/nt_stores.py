@@ -57,8 +57,9 @@ def supported() -> bool:
     )
 
 
-def started_as_trio_kv(argv: list[str] = sys.argv) -> bool:
+def started_as_trio_kv(argv: list[str] | None = None) -> bool:
     """Whether this process is the ``trio-kv`` command (console script or ``-m trio_kv``)."""
+    argv = sys.argv if argv is None else argv
     program = argv[0] if argv else ""
     return os.path.basename(program) == "trio-kv" or program.endswith(os.path.join("trio_kv", "__main__.py"))
 
@@ -73,4 +74,7 @@ def exec_with_threshold(threshold: int) -> None:
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, sys.orig_argv, {**os.environ, "GLIBC_TUNABLES": tunables})
+    try:
+        os.execve(sys.executable, sys.orig_argv, {**os.environ, "GLIBC_TUNABLES": tunables})
+    except OSError as exc:  # the copies only lose speed: go on as this process is
+        print(f"trio-kv: copies keep glibc's default threshold ({exc})", file=sys.stderr)
