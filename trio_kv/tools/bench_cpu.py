@@ -312,7 +312,12 @@ def _table(r: CpuBenchResult) -> str:
             + f"{r.prompt_chunks} per request, best of {r.rounds} rounds after a warm-up; "
             + f"{r.lookups} lookups of a {r.lookup_chunks}-chunk prompt; {r.clients} client processes",
             f"  memcpy    {r.memcpy_gbps:8.2f} GB/s on {r.memcpy_threads} threads, {r.chunks} distinct chunks "
-            f"(one chunk {r.chunks} times, in cache: {r.memcpy_hot_gbps:.2f} GB/s)",
+            f"(one chunk {r.chunks} times, in cache: {r.memcpy_hot_gbps:.2f} GB/s); "
+            + (
+                f"copies of {r.copy_nt_threshold} bytes or more stream past the caches"
+                if r.copy_nt_threshold
+                else "glibc's default streaming threshold"
+            ),
             f"  store     {r.store_gbps:8.2f} GB/s  {r.store_ratio:5.2f}x  " + verdict("store_ratio"),
             f"  retrieve  {r.retrieve_gbps:8.2f} GB/s  {r.retrieve_ratio:5.2f}x  "
             + verdict("retrieve_ratio"),
