@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 
 from trio_kv.cli import main
+
+from .server_process import ServerProcess
 
 TRIO_KV = [sys.executable, "-m", "trio_kv"]
 
@@ -213,3 +217,15 @@ def test_bench_fs_runs_through_the_command_line(tmp_path):
     result = json.loads(out.stdout)
     assert result["verified"] is True
     assert result["write_gbps"] > 0 and result["raw_write_gbps"] > 0
+
+
+def test_serve_moves_what_its_start_made_out_of_the_cycle_collector_s_reach(tmp_path):
+    """A full collection walks every tracked object: frozen once started, the ~10^5 objects of
+    the imports and the engine cost it nothing (tests/server_process.py serves the command)."""
+    with ServerProcess(tmp_path, tmp_path / "l2") as server:
+        server.start()
+        with urllib.request.urlopen(server.admin_url + "/metrics", timeout=10) as response:
+            text = response.read().decode()
+    found = re.search(r"^trio_kv_gc_frozen_objects (\S+)$", text, re.MULTILINE)
+    assert found is not None, text[:500]
+    assert float(found.group(1)) > 50_000

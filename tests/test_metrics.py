@@ -338,6 +338,7 @@ async def test_every_documented_family_is_exposed(mock_server, kv):
         "trio_kv_event_loop_lag_seconds": "histogram",
         "trio_kv_event_loop_lag_last_seconds": "gauge",
         "trio_kv_build_info": "gauge",
+        "trio_kv_gc_frozen_objects": "gauge",
     }
     assert {name: metrics.types.get(name) for name in expected} == expected
     assert metrics.value("trio_kv_l1_entries") == 1

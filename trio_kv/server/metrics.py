@@ -15,6 +15,7 @@ Salts appear as label values in their URL spelling: the empty salt is ``@empty``
 
 from __future__ import annotations
 
+import gc
 import typing
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -234,6 +235,11 @@ class _StateCollector:
             metrics.dropped_replies(),
         )
         yield _gauge("trio_kv_instances", "Registered KV caches.", len(status.instances))
+        yield _gauge(
+            "trio_kv_gc_frozen_objects",
+            "Objects moved out of the cycle collector's reach at start (gc.freeze, trio-kv serve).",
+            gc.get_freeze_count(),
+        )
         yield _gauge("trio_kv_requests_in_flight", "Requests being handled.", status.requests_in_flight)
         yield _gauge(
             "trio_kv_event_loop_lag_last_seconds",
