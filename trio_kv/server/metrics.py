@@ -24,6 +24,7 @@ import trio
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.gc_collector import GCCollector
 
 from ..core.engine import CacheEngine
 from ..core.quotas import L1_TIER, QuotaBook, salt_to_url_name
@@ -93,6 +94,7 @@ class ServerMetrics:
         }
         self._unknown = KindCounts(UNKNOWN_KIND)
         self.registry.register(_StateCollector(self))
+        GCCollector(registry=self.registry)  # python_gc_*: collections and objects per generation
 
     # ------------------------------------------------------------ per request
 
