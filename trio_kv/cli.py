@@ -266,8 +266,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     exec_with_threshold(config.copy_nt_threshold)  # returns only where nothing is to be done
     _configure_logging(config.log_level)
-    if active_threshold():
-        log.info("copies of %d bytes or more use non-temporal stores (GLIBC_TUNABLES)", active_threshold())
+    if streaming := active_threshold():
+        log.info("copies of %d bytes or more use non-temporal stores (GLIBC_TUNABLES)", streaming)
     from .server.transport import set_nng_task_threads
 
     set_nng_task_threads(config.nng_task_threads)  # before the first socket starts nng
@@ -324,17 +324,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _bench_with_nt_stores() -> None:
-    """A bench runs with the non-temporal threshold ``trio-kv serve`` would use (its
-    ``TRIO_KV_COPY_NT_THRESHOLD``, else the default), so its references (a memmove of the same
-    bytes) copy the way the servers it starts do: they inherit its ``GLIBC_TUNABLES`` unchanged."""
+    """A bench runs with the non-temporal threshold ``trio-kv serve`` would use (read as serve
+    reads its settings), so its references (a memmove of the same bytes) copy the way the
+    servers it starts do: they inherit its ``GLIBC_TUNABLES`` unchanged."""
     from .nt_stores import DEFAULT_THRESHOLD, exec_with_threshold
-    from .sizes import parse_size
 
-    setting = os.environ.get("TRIO_KV_COPY_NT_THRESHOLD", "")
     try:
-        threshold = parse_size(setting) if setting else DEFAULT_THRESHOLD
-    except ValueError:
-        threshold = DEFAULT_THRESHOLD  # the server refuses the setting and says why
+        threshold = load_config().copy_nt_threshold
+    except ConfigError:
+        threshold = DEFAULT_THRESHOLD  # a server the bench starts refuses the setting and says why
     exec_with_threshold(threshold)
 
 

@@ -81,16 +81,16 @@ class HashSessions:
             self._sessions.move_to_end(session_key)
             return session.hashes[:n_full]
         session = self._pop(session_key)
-        if session is None or not (packed.startswith(session.packed) or session.packed.startswith(packed)):
+        if session is None or not packed.startswith(session.packed):
             # New request, or its tokens changed: start over.
             session = _Session(b"", [], now)
-        if len(packed) > len(session.packed):
-            known = len(session.hashes)
-            prev = session.hashes[-1] if known else ROOT_HASH
-            new = chain_hashes(packed, self.chunk_size, prev, first=known)
-            self.chunks_hashed += len(new)
-            session.hashes = session.hashes + new
-            session.packed = packed
+        # Here ``packed`` extends what the session hashed: only its new chunks are hashed.
+        known = len(session.hashes)
+        prev = session.hashes[-1] if known else ROOT_HASH
+        new = chain_hashes(packed, self.chunk_size, prev, first=known)
+        self.chunks_hashed += len(new)
+        session.hashes = session.hashes + new
+        session.packed = packed
         session.deadline = now + self.ttl
         session.nbytes = _session_bytes(session_key, session)
         self._sessions[session_key] = session

@@ -2,8 +2,8 @@
 Trio thread, turned into Prometheus families only when scraped.
 
 prometheus-client's ``Counter.inc`` and ``Histogram.observe`` take a lock each and search the
-buckets one by one: 1.9 us per request for the three of them. Here a request costs an
-attribute increment and one ``bisect`` (0.5 us). Only the Trio thread writes these numbers,
+buckets one by one. Here a request costs an attribute increment and one ``bisect``: recording
+a lookup's metrics (``ServerMetrics.record_request``) went 1.9 -> 0.8 us. Only the Trio thread writes these numbers,
 and a scrape runs on that thread too, so it never reads a half-made update. The series are
 the ones prometheus-client made (``trio_kv_requests_total``, the ``_bucket``/``_count``/``_sum``
 of ``trio_kv_request_duration_seconds``), less its ``_created`` samples.
