@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 from concurrent.futures import ThreadPoolExecutor
@@ -16,14 +17,18 @@ from trio_kv.client import BlockingClient
 from trio_kv.export.shm import create_shared_kv_cache
 from trio_kv.testing import make_kv_cache, running_server
 from trio_kv.tools import bench_cpu
-from trio_kv.tools.bench_memcpy import chunk_buffers, memcpy_seconds
-from trio_kv.transfer.cpu import CopyJob, CpuTransfer
+from trio_kv.tools.bench_memcpy import chunk_buffers, chunk_runs, memcpy_seconds, pieces_seconds
+from trio_kv.transfer.cpu import CopyJob, CpuTransfer, MappedKVCache
+from trio_kv.transfer.layout import KVLayout, Segment, plan_layout
 
 REQUIRED_FIGURES = (
     "store_gbps",
     "retrieve_gbps",
     "memcpy_gbps",
     "memcpy_hot_gbps",
+    "memcpy_pieces_gbps",
+    "store_pieces_ratio",
+    "retrieve_pieces_ratio",
     "store_ratio",
     "retrieve_ratio",
     "lookup_p50_us",
@@ -54,6 +59,11 @@ def test_bench_cpu_json_reports_every_figure_with_ratios_of_the_figures(capsys):
         assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, (name, value)
     assert report["store_ratio"] == pytest.approx(report["store_gbps"] / report["memcpy_gbps"])
     assert report["retrieve_ratio"] == pytest.approx(report["retrieve_gbps"] / report["memcpy_gbps"])
+    assert report["store_pieces_ratio"] == pytest.approx(report["store_gbps"] / report["memcpy_pieces_gbps"])
+    assert report["retrieve_pieces_ratio"] == pytest.approx(
+        report["retrieve_gbps"] / report["memcpy_pieces_gbps"]
+    )
+    assert report["pieces_per_chunk"] == 2 * 2  # K and V of 2 layers, each one run of the chunk's blocks
     assert report["lookup_ratio"] == pytest.approx(report["lookup_p50_us"] / report["nng_echo_p50_us"])
     assert report["lookup_p99_ratio"] == pytest.approx(report["lookup_p99_us"] / report["nng_echo_p99_us"])
     assert report["lookup_packed_ratio"] == pytest.approx(
@@ -78,6 +88,36 @@ def test_the_memcpy_reference_copies_each_distinct_source_into_its_own_target(th
         assert memcpy_seconds(pool, threads, sources, targets) > 0
     assert all(torch.equal(source, target) for source, target in zip(sources, targets, strict=True))
     assert len({source.data_ptr() for source in sources} | {target.data_ptr() for target in targets}) == 6
+
+
+def _strided_cache(num_blocks: int, piece: int) -> MappedKVCache:
+    """K and V pieces interleaved block by block: two segments whose block stride is twice their
+    piece, so a run of blocks is not one run of bytes."""
+    region = torch.randint(0, 256, (num_blocks * 2 * piece,), dtype=torch.uint8)
+    segments = (Segment(0, 2 * piece, piece), Segment(piece, 2 * piece, piece))
+    return MappedKVCache(KVLayout(segments, num_blocks, 16, 2 * piece, 8), region)
+
+
+@pytest.mark.parametrize("layout", ["per_layer", "cross_layer", "strided"])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_the_pieces_reference_copies_the_bytes_a_store_gathers(layout, threads):
+    # 5 blocks per chunk: one run per segment where its blocks' pieces are adjacent, else one per block.
+    with contextlib.ExitStack() as stack:
+        if layout == "strided":
+            cache = _strided_cache(12, 4096)
+        else:
+            kv = stack.enter_context(make_kv_cache(num_blocks=12, num_layers=3, layout=layout))
+            cache = CpuTransfer().open(kv.register_request("pieces"))
+        chunk_bytes = cache.layout.chunk_bytes(5)
+        runs = [chunk_runs(cache.layout, first, 5) for first in (0, 6)]
+        assert all(sum(length for _, length in chunk) == chunk_bytes for chunk in runs)
+        assert len(runs[0]) == {"per_layer": 2 * 3, "cross_layer": 1, "strided": 2 * 5}[layout]
+        gathered = torch.zeros(2, chunk_bytes, dtype=torch.uint8)
+        cache.gather([CopyJob(list(range(first, first + 5)), gathered[i]) for i, first in enumerate((0, 6))])
+        targets = list(torch.zeros(2, chunk_bytes, dtype=torch.uint8))
+        with ThreadPoolExecutor(threads) as pool:
+            assert pieces_seconds(pool, threads, cache.region, runs, targets) > 0
+        assert gathered.any() and torch.equal(torch.stack(targets), gathered)
 
 
 @pytest.mark.parametrize("layout", ["per_layer", "cross_layer"])
@@ -128,9 +168,14 @@ async def test_bench_cpu_runs_one_untimed_warm_up_round_before_the_timed_ones(ro
             with client:
                 registered = await trio.to_thread.run_sync(client.register_kv_cache, bench_cpu.INSTANCE, kv)
                 chunk_bytes = registered.block_bytes * 16
-                await trio.to_thread.run_sync(bench_cpu._copy_rounds, client, args, chunk_bytes, 2 * 16)
+                layout = plan_layout(kv.specs, 16, kv.nbytes)
+                pieces = (kv.region, [chunk_runs(layout, 16 * i, 16) for i in range(args.chunks)])
+                times = await trio.to_thread.run_sync(
+                    bench_cpu._copy_rounds, client, args, chunk_bytes, 2 * 16, pieces
+                )
             stored = server.server.metrics.traffic_summary()["total"]["stored_bytes"]
     assert stored == (1 + rounds) * args.chunks * chunk_bytes
+    assert all(0 < seconds < math.inf for seconds in times)
 
 
 def test_bench_scaling_reports_each_table_with_ratios_of_its_own_figures(capsys):

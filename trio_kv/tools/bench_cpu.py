@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import msgspec
 import torch
@@ -31,8 +32,9 @@ from ..errors import TrioKVError
 from ..export.shm import create_shared_kv_cache
 from ..keys import RequestKey, pack_tokens, packed_key
 from ..nt_stores import active_threshold
+from ..transfer.layout import plan_layout
 from . import bench_refs as refs
-from .bench_memcpy import chunk_buffers, memcpy_seconds
+from .bench_memcpy import Run, chunk_buffers, chunk_runs, memcpy_seconds, pieces_seconds
 from .bench_metadata import metadata_bytes_per_chunk
 from .common import BenchFailed, bad_counts, emit
 
@@ -99,15 +101,35 @@ class CpuBenchResult(msgspec.Struct):
     # glibc's non-temporal threshold the server and the memmove reference both ran with (bytes;
     # 0: glibc's default). `trio-kv bench cpu` sets what `trio-kv serve` would (nt_stores).
     copy_nt_threshold: int = 0
+    # A memmove of the very runs a store copies (one call per segment's run of blocks, out of the
+    # engine's region), on memcpy_threads threads: memcpy_gbps / this is what the layout's piece
+    # size costs, store_gbps / this what the server costs on top (informational, no target).
+    memcpy_pieces_gbps: float = 0.0
+    store_pieces_ratio: float = 0.0
+    retrieve_pieces_ratio: float = 0.0  # against the same store-direction pieces
+    pieces_per_chunk: int = 0
     missed: list[str] = msgspec.field(default_factory=list)  # figures that miss their target
 
 
+class CopyTimes(NamedTuple):
+    """Best-of-rounds seconds of the copy figures."""
+
+    store: float
+    retrieve: float
+    memcpy: float  # ``chunks`` distinct chunks, contiguous (the store's bytes, from memory)
+    hot: float  # one chunk ``chunks`` times (in cache)
+    pieces: float  # the store's own pieces, out of the engine's region (``pieces_seconds``)
+
+
 def _copy_rounds(
-    client: BlockingClient, args: argparse.Namespace, chunk_bytes: int, target_block0: int
-) -> tuple[float, float, float, float]:
-    """Best-of-rounds (store, retrieve, memcpy, hot memcpy) seconds; round r's chunks are
-    retrieved into the blocks from ``target_block0`` on. The memcpy copies ``chunks`` distinct
-    chunks (the store's bytes, from memory); the hot one copies one chunk ``chunks`` times.
+    client: BlockingClient,
+    args: argparse.Namespace,
+    chunk_bytes: int,
+    target_block0: int,
+    pieces: tuple[torch.Tensor, list[list[Run]]],
+) -> CopyTimes:
+    """Best-of-rounds copy times; round r's chunks are retrieved into the blocks from
+    ``target_block0`` on. ``pieces`` is the engine's region and each stored chunk's runs in it.
 
     One untimed warm-up round runs first: the first copies into fresh L1 memory fault its
     pages in, which made a lone cold round read as a 25x miss of the target."""
@@ -119,7 +141,7 @@ def _copy_rounds(
         for n in [min(args.prompt_chunks, args.chunks - first)]
     ]
     sources, targets = chunk_buffers(args.chunks, chunk_bytes)  # 2 x 512 MiB for the defaults
-    best_store = best_retrieve = best_memcpy = best_hot = math.inf
+    best = CopyTimes(*[math.inf] * len(CopyTimes._fields))
     with ThreadPoolExecutor(args.copy_threads) as pool:
         for round_index in range(1 + args.rounds):  # round 0 is the warm-up
             refs.progress(
@@ -144,10 +166,11 @@ def _copy_rounds(
             hot_s = memcpy_seconds(
                 pool, args.copy_threads, sources[:1] * args.chunks, targets[:1] * args.chunks
             )
+            pieces_s = pieces_seconds(pool, args.copy_threads, *pieces, targets)
             if round_index:
-                best_store, best_retrieve = min(best_store, store_s), min(best_retrieve, retrieve_s)
-                best_memcpy, best_hot = min(best_memcpy, memcpy_s), min(best_hot, hot_s)
-    return best_store, best_retrieve, best_memcpy, best_hot
+                now = CopyTimes(store_s, retrieve_s, memcpy_s, hot_s, pieces_s)
+                best = CopyTimes(*map(min, best, now))
+    return best
 
 
 def _missed(result: CpuBenchResult) -> list[str]:
@@ -198,7 +221,11 @@ def run_cpu(args: argparse.Namespace) -> CpuBenchResult:
                 if registered.block_bytes * blocks_per_chunk != chunk_bytes:
                     raise BenchFailed(f"server sees {registered.block_bytes} bytes per block")
                 lag_before = refs.histogram_counts(refs.admin_text(admin, "/metrics"), LAG_METRIC)
-                store_s, retrieve_s, memcpy_s, hot_s = _copy_rounds(client, args, chunk_bytes, source_blocks)
+                layout = plan_layout(kv.specs, BLOCK_TOKENS, kv.nbytes)
+                runs = [
+                    chunk_runs(layout, i * blocks_per_chunk, blocks_per_chunk) for i in range(args.chunks)
+                ]
+                times = _copy_rounds(client, args, chunk_bytes, source_blocks, (kv.region, runs))
                 lag_after = refs.histogram_counts(refs.admin_text(admin, "/metrics"), LAG_METRIC)
                 verified = all(
                     kv.block_bytes(block) == kv.block_bytes(source_blocks + block)
@@ -244,9 +271,7 @@ def run_cpu(args: argparse.Namespace) -> CpuBenchResult:
     refs.progress(f"bench cpu: L1 metadata of {args.metadata_chunks} chunks")
     metadata = metadata_bytes_per_chunk(args.metadata_chunks)
     total_bytes = args.chunks * chunk_bytes
-    store_gbps, retrieve_gbps, memcpy_gbps, hot_gbps = (
-        total_bytes / s / 1e9 for s in (store_s, retrieve_s, memcpy_s, hot_s)
-    )
+    store_gbps, retrieve_gbps, memcpy_gbps, hot_gbps, pieces_gbps = (total_bytes / s / 1e9 for s in times)
     lookup_p50, echo_p50 = refs.percentile_us(lookups, 0.5), refs.percentile_us(echoes, 0.5)
     lookup_p99, echo_p99 = refs.percentile_us(lookups, 0.99), refs.percentile_us(echoes, 0.99)
     result = CpuBenchResult(
@@ -254,6 +279,10 @@ def run_cpu(args: argparse.Namespace) -> CpuBenchResult:
         retrieve_gbps=retrieve_gbps,
         memcpy_gbps=memcpy_gbps,
         memcpy_hot_gbps=hot_gbps,
+        memcpy_pieces_gbps=pieces_gbps,
+        store_pieces_ratio=store_gbps / pieces_gbps,
+        retrieve_pieces_ratio=retrieve_gbps / pieces_gbps,
+        pieces_per_chunk=len(runs[0]),
         store_ratio=store_gbps / memcpy_gbps,
         retrieve_ratio=retrieve_gbps / memcpy_gbps,
         lookup_p50_us=lookup_p50,
@@ -318,6 +347,9 @@ def _table(r: CpuBenchResult) -> str:
                 if r.copy_nt_threshold
                 else "glibc's default streaming threshold"
             ),
+            f"  pieces    {r.memcpy_pieces_gbps:8.2f} GB/s memmove of the store's own {r.pieces_per_chunk} runs per chunk "
+            f"({r.chunk_bytes // max(1, r.pieces_per_chunk) >> 10} KiB each): store {r.store_pieces_ratio:.2f}x, "
+            f"retrieve {r.retrieve_pieces_ratio:.2f}x of it (informational)",
             f"  store     {r.store_gbps:8.2f} GB/s  {r.store_ratio:5.2f}x  " + verdict("store_ratio"),
             f"  retrieve  {r.retrieve_gbps:8.2f} GB/s  {r.retrieve_ratio:5.2f}x  "
             + verdict("retrieve_ratio"),

@@ -1,5 +1,6 @@
-"""The copy reference of ``bench cpu`` and ``bench scaling``: ``memmove`` of chunk-sized buffers
-split over as many threads as the server copies a chunk with."""
+"""The copy references of ``bench cpu`` and ``bench scaling``: ``memmove`` of chunk-sized buffers
+split over as many threads as the server copies a chunk with, and (``bench cpu``) a ``memmove``
+of the very pieces a store copies, which tells the layout's cost from the server's."""
 
 from __future__ import annotations
 
@@ -12,6 +13,10 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from ..transfer.hugepages import advise_huge_pages
+from ..transfer.layout import KVLayout
+
+# (offset in the KV cache's region, bytes): one contiguous run of a chunk's bytes.
+Run = tuple[int, int]
 
 
 def memcpy_seconds(
@@ -41,3 +46,47 @@ def chunk_buffers(chunks: int, chunk_bytes: int) -> tuple[list[torch.Tensor], li
     advise_huge_pages(targets)
     targets.zero_()
     return list(sources), list(targets)
+
+
+def chunk_runs(layout: KVLayout, first_block: int, blocks: int) -> list[Run]:
+    """The runs of region bytes a chunk of engine blocks ``first_block`` .. ``first_block +
+    blocks - 1`` occupies, in the order L1 holds a chunk (segment after segment, each segment's
+    piece of every block in order): one run per segment whose pieces of consecutive blocks are
+    adjacent (a per-layer layout's K or V of one layer), else one run per block and segment."""
+    runs: list[Run] = []
+    for seg in layout.segments:
+        start = seg.offset + first_block * seg.block_stride
+        if seg.block_stride == seg.piece_bytes:
+            runs.append((start, blocks * seg.piece_bytes))
+        else:
+            runs.extend((start + block * seg.block_stride, seg.piece_bytes) for block in range(blocks))
+    return runs
+
+
+def pieces_seconds(
+    pool: ThreadPoolExecutor,
+    threads: int,
+    region: torch.Tensor,
+    runs_per_chunk: Sequence[Sequence[Run]],
+    targets: Sequence[torch.Tensor],
+) -> float:
+    """Copy each chunk's ``runs`` out of ``region`` into its target, one chunk after the other,
+    one ``memmove`` per run, the runs split into ``threads`` consecutive shares run at once: what
+    a store of those chunks copies, with no server around it. Its ratio to ``memcpy_seconds`` of
+    as many bytes is what the layout's piece size costs (each streamed ``memmove`` starts and
+    drains its stores anew)."""
+    base = region.data_ptr()
+
+    def copy(runs: Sequence[Run], dst: int) -> None:
+        for offset, length in runs:
+            ctypes.memmove(dst, base + offset, length)
+            dst += length
+
+    start = time.perf_counter()
+    for runs, target in zip(runs_per_chunk, targets, strict=True):
+        ends = list(itertools.accumulate((length for _, length in runs), initial=target.data_ptr()))
+        cuts = [len(runs) * i // threads for i in range(threads + 1)]
+        parts = [pool.submit(copy, runs[a:b], ends[a]) for a, b in itertools.pairwise(cuts) if a < b]
+        for part in parts:
+            part.result()
+    return time.perf_counter() - start
