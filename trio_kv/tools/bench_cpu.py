@@ -166,7 +166,7 @@ def _copy_rounds(
             hot_s = memcpy_seconds(
                 pool, args.copy_threads, sources[:1] * args.chunks, targets[:1] * args.chunks
             )
-            pieces_s = pieces_seconds(pool, args.copy_threads, *pieces, targets)
+            pieces_s = pieces_seconds(pool, args.copy_threads, *pieces, targets, args.prompt_chunks)
             if round_index:
                 now = CopyTimes(store_s, retrieve_s, memcpy_s, hot_s, pieces_s)
                 best = CopyTimes(*map(min, best, now))

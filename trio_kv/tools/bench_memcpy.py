@@ -69,24 +69,28 @@ def pieces_seconds(
     region: torch.Tensor,
     runs_per_chunk: Sequence[Sequence[Run]],
     targets: Sequence[torch.Tensor],
+    chunks_per_call: int = 1,
 ) -> float:
-    """Copy each chunk's ``runs`` out of ``region`` into its target, one chunk after the other,
-    one ``memmove`` per run, the runs split into ``threads`` consecutive shares run at once: what
-    a store of those chunks copies, with no server around it. Its ratio to ``memcpy_seconds`` of
-    as many bytes is what the layout's piece size costs (each streamed ``memmove`` starts and
-    drains its stores anew)."""
+    """Copy each chunk's ``runs`` out of ``region`` into its target, one ``memmove`` per run:
+    what a store of those chunks copies, with no server around it. As the server takes a
+    request's chunks at once, each ``chunks_per_call`` chunks' runs are one call, split into
+    ``threads`` consecutive shares run at once, the calls one after the other. Its ratio to
+    ``memcpy_seconds`` of as many bytes is what the layout's piece size costs."""
     base = region.data_ptr()
+    copies = []  # (destination, source, bytes) of every run, chunk after chunk
+    for runs, target in zip(runs_per_chunk, targets, strict=True):
+        ends = itertools.accumulate((length for _, length in runs), initial=target.data_ptr())
+        copies.append([(dst, base + offset, length) for dst, (offset, length) in zip(ends, runs)])
 
-    def copy(runs: Sequence[Run], dst: int) -> None:
-        for offset, length in runs:
-            ctypes.memmove(dst, base + offset, length)
-            dst += length
+    def copy(share: Sequence[tuple[int, int, int]]) -> None:
+        for dst, src, length in share:
+            ctypes.memmove(dst, src, length)
 
     start = time.perf_counter()
-    for runs, target in zip(runs_per_chunk, targets, strict=True):
-        ends = list(itertools.accumulate((length for _, length in runs), initial=target.data_ptr()))
-        cuts = [len(runs) * i // threads for i in range(threads + 1)]
-        parts = [pool.submit(copy, runs[a:b], ends[a]) for a, b in itertools.pairwise(cuts) if a < b]
+    for first in range(0, len(copies), chunks_per_call):
+        call = [run for chunk in copies[first : first + chunks_per_call] for run in chunk]
+        cuts = [len(call) * i // threads for i in range(threads + 1)]
+        parts = [pool.submit(copy, call[a:b]) for a, b in itertools.pairwise(cuts) if a < b]
         for part in parts:
             part.result()
     return time.perf_counter() - start
