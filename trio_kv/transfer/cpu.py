@@ -3,22 +3,22 @@
 Sealed memfds (which cannot shrink) are mapped and copied with numpy
 (``mapped.py``); plain files under ``shm_dir``, which their engine could truncate
 under a mapping (SIGBUS), are copied with preadv/pwritev (``file_copy.py``).
-Copies run in worker threads, never on the event loop; large copies are split
-row-wise across the thread limiter's threads.
+Copies run in worker threads (``copy_threads.py``), never on the event loop; large copies
+are split across them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 from collections.abc import Callable, Sequence
 
-import trio
-
 from ..export.memfd import open_sealed_region, sealed_path_owner
 from ..export.shm import open_registered_file
 from ..protocol import RegisterKVCache
+from .copy_threads import CopyThreads
 from .file_copy import FileKVCache
 from .layout import plan_layout
 from .mapped import SPLIT_MIN_BYTES, CopyJob, MappedKVCache
@@ -30,33 +30,24 @@ __all__ = ["COPY_NICE", "SPLIT_MIN_BYTES", "CopyJob", "CpuTransfer", "MappedKVCa
 # cores as copy threads, the loop otherwise waits a scheduler time slice (measured: event-loop
 # lag p99 8 ms while copying on 2 cores) for a core to answer a lookup.
 COPY_NICE = 5
-_thread_state = threading.local()
 
 
-def _in_background(
-    copy: Callable[[Sequence[CopyJob], int, int], None],
-) -> Callable[[Sequence[CopyJob], int, int], None]:
-    """``copy``, lowering the priority of the worker thread that runs it (once per thread)."""
-
-    def run(jobs: Sequence[CopyJob], part: int, parts: int) -> None:
-        if not getattr(_thread_state, "niced", False):
-            _thread_state.niced = True
-            with contextlib.suppress(OSError):
-                tid = threading.get_native_id()
-                os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + COPY_NICE)
-                set_thread_slice(0)  # the default, not the loop's short one it was started with
-        copy(jobs, part, parts)
-
-    return run
+def _lower_priority() -> None:
+    """Run once in each copy thread as it starts: nicer than the loop, the default time slice
+    (not the loop's short one the thread inherited)."""
+    with contextlib.suppress(OSError):
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + COPY_NICE)
+        set_thread_slice(0)
 
 
 class CpuTransfer:
-    """Transfer backend for shared-memory KV caches; bounded by a thread limiter."""
+    """Transfer backend for shared-memory KV caches; copies run on ``threads`` worker threads."""
 
     name = "cpu"
 
     def __init__(self, threads: int = 2, shm_dir: str = "/dev/shm") -> None:
-        self.limiter = trio.CapacityLimiter(threads)
+        self.copy_threads = CopyThreads(threads, initializer=_lower_priority)
         self.shm_dir = shm_dir
 
     def open(self, request: RegisterKVCache, *, owner_uid: int | None = None) -> MappedKVCache:
@@ -101,26 +92,11 @@ class CpuTransfer:
         cache: MappedKVCache,
         jobs: Sequence[CopyJob],
     ) -> None:
-        """Run ``copy`` in threads, split across the limiter's threads when the jobs are large.
+        """Run ``copy`` in the copy threads, split across them when the jobs are large.
         Threads are never abandoned, so no copy is running once this returns or raises."""
-        copy = _in_background(copy)
-        parts = int(min(self.limiter.total_tokens, max(1, cache.copy_bytes(jobs) // SPLIT_MIN_BYTES)))
-        if parts == 1:
-            await trio.to_thread.run_sync(copy, jobs, 0, 1, limiter=self.limiter)
-            return
-        errors: list[Exception] = []
-
-        async def run_part(part: int) -> None:
-            try:
-                await trio.to_thread.run_sync(copy, jobs, part, parts, limiter=self.limiter)
-            except Exception as exc:  # re-raised below, unwrapped from the nursery's group
-                errors.append(exc)
-
-        async with trio.open_nursery() as nursery:
-            for part in range(parts):
-                nursery.start_soon(run_part, part)
-        if errors:
-            raise errors[0]
+        threads = self.copy_threads.threads
+        parts = int(min(threads, max(1, cache.copy_bytes(jobs) // SPLIT_MIN_BYTES)))
+        await self.copy_threads.run([functools.partial(copy, jobs, part, parts) for part in range(parts)])
 
     async def store(self, cache: MappedKVCache, jobs: Sequence[CopyJob], *, ipc_event: bytes = b"") -> None:
         """Copy blocks into L1. Not abandoned on cancellation: the copy finishes first,

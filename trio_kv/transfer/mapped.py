@@ -7,7 +7,7 @@ block ids (vLLM allocates runs) of all of them is one numpy copy: a 4-chunk stor
 Llama-3-8B's shape is a handful of calls, not 256 per-segment ones, and two copy threads no
 longer queue on the GIL between calls. Runs shorter than ``min_run_bytes`` go through
 ``np.take(..., mode="clip")`` per segment (gathers) and numpy fancy assignment (scatters).
-Large copies are split across the thread limiter's threads: by segments where there are
+Large copies are split across the copy threads (copy_threads.py): by segments where there are
 many, else by rows. Measured on a 2-core VM, 4 x 32 MiB chunks, 64 segments, shm -> arena,
 two threads: per-segment copies split by rows 10.5-10.8 GB/s, by whole segments 11.4-11.8,
 grouped 12.7-13.0; memmove of the same bytes 13.3-13.9 (one thread: grouped 7.0, memmove
