@@ -1,12 +1,12 @@
 """Worker threads the event loop hands the parts of a copy to, and hears back from through a pipe.
 
-``trio.to_thread.run_sync`` costs a CPU copy twice per call. Measured on the 2-core VM (two
-32 MiB parts per call, p50 of 40 calls): 106-133 us from the call to a thread running, and
-241-289 us from the last part's end to the task running again: the result comes back through
-Trio's ``run_sync_soon`` queue, a task of its own. A ``ThreadPoolExecutor`` whose futures write
-a pipe the task waits on: 70-81 / 97-107 us (its futures' locks and callbacks run between the
-copy and the write). These threads: 50-52 / 47-50 us. In a 4-chunk store (128 MiB, ~7 ms)
-that is ~0.3 ms less per call, a larger share of a small one.
+``trio.to_thread.run_sync`` costs a CPU copy twice per call. Measured on the 2-core VM in a
+bare Trio loop (two 32 MiB parts per call, p50 of 40 calls): 106-158 us from the call to a
+thread running, and 241-394 us from the last part's end to the task running again: the result
+comes back through Trio's ``run_sync_soon`` queue, a task of its own. A ``ThreadPoolExecutor``
+whose futures write a pipe the task waits on: 70-81 / 97-107 us. These threads: 70-72 / 97-103
+us (a prototype writing an eventfd with nothing else around it: 50-63 / 47-79). In a 4-chunk
+store (128 MiB, ~7 ms) that is ~0.3 ms less per call, a larger share of a small one.
 
 So: ``threads`` long-lived threads take parts from one queue (first come, first served, as the
 thread limiter's tokens were) and write one byte to the part's call's pipe as the last thing
@@ -91,10 +91,7 @@ class CopyThreads:
     def close(self) -> None:
         """Stop the threads once the parts queued before are done; ``run`` refuses from now on."""
         self._closed = True
-        if self._started:
-            self._stop()
-        else:
-            self._stop.detach()
+        self._stop()  # threads never started leave the stop marks in a queue no one reads
 
     def _start(self) -> None:
         self._started = True

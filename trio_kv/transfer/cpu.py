@@ -95,7 +95,7 @@ class CpuTransfer:
         """Run ``copy`` in the copy threads, split across them when the jobs are large.
         Threads are never abandoned, so no copy is running once this returns or raises."""
         threads = self.copy_threads.threads
-        parts = int(min(threads, max(1, cache.copy_bytes(jobs) // SPLIT_MIN_BYTES)))
+        parts = min(threads, max(1, cache.copy_bytes(jobs) // SPLIT_MIN_BYTES))
         await self.copy_threads.run([functools.partial(copy, jobs, part, parts) for part in range(parts)])
 
     async def store(self, cache: MappedKVCache, jobs: Sequence[CopyJob], *, ipc_event: bytes = b"") -> None:
