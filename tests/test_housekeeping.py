@@ -1,6 +1,7 @@
 """Background work: leases expire at their deadline (the backstop for vanished clients)."""
 
 import trio
+import trio.testing
 
 from trio_kv.core.engine import CacheEngine, EngineSettings
 from trio_kv.core.l1 import L1Store
@@ -33,5 +34,34 @@ async def test_leases_expire_at_their_deadline_and_not_before(autojump_clock):
             assert all(not e.pinned for e in engine.l1.entries())
             found = await engine.lookup(Lookup(RequestKey("m", 1, None, TOKENS)))
             assert found.hit_tokens == 2 * CHUNK
+            nursery.cancel_scope.cancel()
+        assert engine.audit() == []
+
+
+async def test_a_lookup_that_leases_nothing_does_not_wake_the_expiry_sleeper():
+    with make_kv_cache(num_blocks=16, block_size=16) as kv:
+        engine = CacheEngine(
+            EngineSettings(chunk_size=CHUNK, lease_ttl_s=30), L1Store(1 << 22), CpuTransfer()
+        )
+        engine.register(kv.register_request("w"))
+        await engine.store(Store("w", RequestKey("m", 1, 0, TOKENS), [0, 1, 2, 3]))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(engine.run_housekeeping)
+            await trio.testing.wait_all_tasks_blocked()
+            asleep = engine.housekeeping_passes
+            cold = [v + 1000 for v in TOKENS]
+            for n in range(5):  # misses: nothing leased, no deadline queued
+                miss = await engine.lookup(Lookup(RequestKey("m", 1, None, cold, request_id=f"cold-{n}")))
+                assert miss.hit_tokens == 0
+                await trio.testing.wait_all_tasks_blocked()
+            assert engine.housekeeping_passes == asleep
+            # A hit queues the first deadline: the sleeper wakes once to sleep until it.
+            await engine.lookup(Lookup(RequestKey("m", 1, None, TOKENS, request_id="warm")))
+            await trio.testing.wait_all_tasks_blocked()
+            assert engine.housekeeping_passes == asleep + 1
+            # The same request again only moves its deadline later: no wake-up.
+            await engine.lookup(Lookup(RequestKey("m", 1, None, TOKENS, request_id="warm")))
+            await trio.testing.wait_all_tasks_blocked()
+            assert engine.housekeeping_passes == asleep + 1
             nursery.cancel_scope.cancel()
         assert engine.audit() == []

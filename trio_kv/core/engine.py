@@ -103,6 +103,7 @@ class CacheEngine:
         self.layout_mismatches = 0  # retrieves stopped at a chunk another KV layout stored
         self._housekeeping_wakeup = trio.Event()
         self._scheduled_expiry = math.inf
+        self.housekeeping_passes = 0  # times the lease-expiry sleeper woke (tests)
 
     # ------------------------------------------------------------ registry
 
@@ -240,8 +241,10 @@ class CacheEngine:
         if not key.request_id:
             return
         deadline = trio.current_time() + self.settings.lease_ttl_s
-        self.leases.grant((key.cache_salt, key.request_id), hits, deadline)
-        if deadline < self._scheduled_expiry:
+        held = self.leases.grant((key.cache_salt, key.request_id), hits, deadline)
+        # A miss leases nothing and queues no deadline: waking the sleeper for it would cost the
+        # loop two task switches per cold lookup and find nothing to expire.
+        if held and deadline < self._scheduled_expiry:
             self._housekeeping_wakeup.set()
 
     async def retrieve(self, request: Retrieve) -> RetrieveResult:
@@ -353,6 +356,7 @@ class CacheEngine:
             with trio.move_on_at(self._scheduled_expiry):
                 await self._housekeeping_wakeup.wait()
             self._housekeeping_wakeup = trio.Event()
+            self.housekeeping_passes += 1
             self.leases.expire(trio.current_time())
 
     # ------------------------------------------------------------ audit
