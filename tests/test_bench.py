@@ -16,7 +16,7 @@ from trio_kv import cli
 from trio_kv.client import BlockingClient
 from trio_kv.export.shm import create_shared_kv_cache
 from trio_kv.testing import make_kv_cache, running_server
-from trio_kv.tools import bench_cpu
+from trio_kv.tools import bench_cpu, bench_cpu_copies
 from trio_kv.tools.bench_memcpy import chunk_buffers, chunk_runs, memcpy_seconds, pieces_seconds
 from trio_kv.transfer.cpu import CopyJob, CpuTransfer, MappedKVCache
 from trio_kv.transfer.layout import KVLayout, Segment, plan_layout
@@ -27,6 +27,7 @@ REQUIRED_FIGURES = (
     "memcpy_gbps",
     "memcpy_hot_gbps",
     "memcpy_pieces_gbps",
+    "memcpy_pieces_retrieve_gbps",
     "store_pieces_ratio",
     "retrieve_pieces_ratio",
     "store_ratio",
@@ -61,7 +62,7 @@ def test_bench_cpu_json_reports_every_figure_with_ratios_of_the_figures(capsys):
     assert report["retrieve_ratio"] == pytest.approx(report["retrieve_gbps"] / report["memcpy_gbps"])
     assert report["store_pieces_ratio"] == pytest.approx(report["store_gbps"] / report["memcpy_pieces_gbps"])
     assert report["retrieve_pieces_ratio"] == pytest.approx(
-        report["retrieve_gbps"] / report["memcpy_pieces_gbps"]
+        report["retrieve_gbps"] / report["memcpy_pieces_retrieve_gbps"]
     )
     assert report["pieces_per_chunk"] == 2 * 2  # K and V of 2 layers, each one run of the chunk's blocks
     assert report["lookup_ratio"] == pytest.approx(report["lookup_p50_us"] / report["nng_echo_p50_us"])
@@ -100,7 +101,7 @@ def _strided_cache(num_blocks: int, piece: int) -> MappedKVCache:
 
 @pytest.mark.parametrize("layout", ["per_layer", "cross_layer", "strided"])
 @pytest.mark.parametrize("threads", [1, 3])
-def test_the_pieces_reference_copies_the_bytes_a_store_gathers(layout, threads):
+def test_the_pieces_references_copy_what_a_store_gathers_and_a_retrieve_scatters(layout, threads):
     # 5 blocks per chunk: one run per segment where its blocks' pieces are adjacent, else one per block.
     with contextlib.ExitStack() as stack:
         if layout == "strided":
@@ -117,7 +118,15 @@ def test_the_pieces_reference_copies_the_bytes_a_store_gathers(layout, threads):
         targets = list(torch.zeros(2, chunk_bytes, dtype=torch.uint8))
         with ThreadPoolExecutor(threads) as pool:
             assert pieces_seconds(pool, threads, cache.region, runs, targets) > 0
-        assert gathered.any() and torch.equal(torch.stack(targets), gathered)
+            assert gathered.any() and torch.equal(torch.stack(targets), gathered)
+        # The other way, as a retrieve: chunk 0 into blocks 6.., chunk 1 into blocks 0.. (swapped).
+        original = cache.region.clone()
+        cache.scatter([CopyJob(list(range(first, first + 5)), gathered[i]) for i, first in enumerate((6, 0))])
+        scattered = cache.region.clone()
+        cache.region.copy_(original)
+        with ThreadPoolExecutor(threads) as pool:
+            assert pieces_seconds(pool, threads, cache.region, runs[::-1], targets, into_region=True) > 0
+        assert not torch.equal(scattered, original) and torch.equal(cache.region, scattered)
 
 
 @pytest.mark.parametrize("layout", ["per_layer", "cross_layer"])
@@ -169,9 +178,12 @@ async def test_bench_cpu_runs_one_untimed_warm_up_round_before_the_timed_ones(ro
                 registered = await trio.to_thread.run_sync(client.register_kv_cache, bench_cpu.INSTANCE, kv)
                 chunk_bytes = registered.block_bytes * 16
                 layout = plan_layout(kv.specs, 16, kv.nbytes)
-                pieces = (kv.region, [chunk_runs(layout, 16 * i, 16) for i in range(args.chunks)])
+                pieces = (
+                    kv.region,
+                    *([chunk_runs(layout, first + 16 * i, 16) for i in range(2)] for first in (0, 32)),
+                )
                 times = await trio.to_thread.run_sync(
-                    bench_cpu._copy_rounds, client, args, chunk_bytes, 2 * 16, pieces
+                    bench_cpu_copies.copy_rounds, client, args, chunk_bytes, 2 * 16, pieces
                 )
             stored = server.server.metrics.traffic_summary()["total"]["stored_bytes"]
     assert stored == (1 + rounds) * args.chunks * chunk_bytes

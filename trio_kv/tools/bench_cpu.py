@@ -16,13 +16,9 @@ on PATH, 16 clients asking it ``EXISTS`` of 16 client-hashed keys.
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import sys
 import tempfile
-import time
-from concurrent.futures import ThreadPoolExecutor
-from typing import NamedTuple
 
 import msgspec
 import torch
@@ -34,16 +30,13 @@ from ..keys import RequestKey, pack_tokens, packed_key
 from ..nt_stores import active_threshold
 from ..transfer.layout import plan_layout
 from . import bench_refs as refs
-from .bench_memcpy import Run, chunk_buffers, chunk_runs, memcpy_seconds, pieces_seconds
+from .bench_cpu_copies import BLOCK_TOKENS, CHUNK_TOKENS, INSTANCE, MODEL, copy_rounds
+from .bench_memcpy import chunk_runs
 from .bench_metadata import metadata_bytes_per_chunk
 from .common import BenchFailed, bad_counts, emit
 
-CHUNK_TOKENS = 256
-BLOCK_TOKENS = 16
 KV_HEADS = 8
 HEAD_SIZE = 128
-INSTANCE = "bench"
-MODEL = "bench/llama-3-8b"
 LAG_METRIC = "trio_kv_event_loop_lag_seconds"
 # The issue's targets on a 2-core machine (docs/benchmarks.md#targets).
 TARGETS = {
@@ -103,74 +96,14 @@ class CpuBenchResult(msgspec.Struct):
     copy_nt_threshold: int = 0
     # A memmove of the very runs a store copies (one call per segment's run of blocks, out of the
     # engine's region), on memcpy_threads threads: memcpy_gbps / this is what the layout's piece
-    # size costs, store_gbps / this what the server costs on top (informational, no target).
+    # size costs, store_gbps / this what the server costs on top (informational, no target);
+    # the retrieve's own runs the other way (into the region) for retrieve_pieces_ratio.
     memcpy_pieces_gbps: float = 0.0
+    memcpy_pieces_retrieve_gbps: float = 0.0
     store_pieces_ratio: float = 0.0
-    retrieve_pieces_ratio: float = 0.0  # against the same store-direction pieces
+    retrieve_pieces_ratio: float = 0.0
     pieces_per_chunk: int = 0
     missed: list[str] = msgspec.field(default_factory=list)  # figures that miss their target
-
-
-class CopyTimes(NamedTuple):
-    """Best-of-rounds seconds of the copy figures."""
-
-    store: float
-    retrieve: float
-    memcpy: float  # ``chunks`` distinct chunks, contiguous (the store's bytes, from memory)
-    hot: float  # one chunk ``chunks`` times (in cache)
-    pieces: float  # the store's own pieces, out of the engine's region (``pieces_seconds``)
-
-
-def _copy_rounds(
-    client: BlockingClient,
-    args: argparse.Namespace,
-    chunk_bytes: int,
-    target_block0: int,
-    pieces: tuple[torch.Tensor, list[list[Run]]],
-) -> CopyTimes:
-    """Best-of-rounds copy times; round r's chunks are retrieved into the blocks from
-    ``target_block0`` on. ``pieces`` is the engine's region and each stored chunk's runs in it.
-
-    One untimed warm-up round runs first: the first copies into fresh L1 memory fault its
-    pages in, which made a lone cold round read as a 25x miss of the target."""
-    rng = random.Random(0x7210)
-    blocks_per_chunk = CHUNK_TOKENS // BLOCK_TOKENS
-    spans = [
-        (n, range(first * blocks_per_chunk, (first + n) * blocks_per_chunk))
-        for first in range(0, args.chunks, args.prompt_chunks)
-        for n in [min(args.prompt_chunks, args.chunks - first)]
-    ]
-    sources, targets = chunk_buffers(args.chunks, chunk_bytes)  # 2 x 512 MiB for the defaults
-    best = CopyTimes(*[math.inf] * len(CopyTimes._fields))
-    with ThreadPoolExecutor(args.copy_threads) as pool:
-        for round_index in range(1 + args.rounds):  # round 0 is the warm-up
-            refs.progress(
-                f"bench cpu: copy round {round_index}/{args.rounds}"
-                + (" (warm-up)" if not round_index else "")
-            )
-            client.clear("")
-            keys = [RequestKey(MODEL, 1, 0, refs.token_ids(rng, n * CHUNK_TOKENS)) for n, _ in spans]
-            start = time.perf_counter()
-            for key, (n, blocks) in zip(keys, spans, strict=True):
-                stored = client.store(INSTANCE, key, list(blocks))
-                if stored.stored != n:
-                    raise BenchFailed(f"store of a {n}-chunk prompt stored only {stored}")
-            store_s = time.perf_counter() - start
-            start = time.perf_counter()
-            for key, (n, blocks) in zip(keys, spans, strict=True):
-                retrieved = client.retrieve(INSTANCE, key, [target_block0 + block for block in blocks])
-                if retrieved.chunks_written != n:
-                    raise BenchFailed(f"retrieve of a {n}-chunk prompt wrote only {retrieved}")
-            retrieve_s = time.perf_counter() - start
-            memcpy_s = memcpy_seconds(pool, args.copy_threads, sources, targets)
-            hot_s = memcpy_seconds(
-                pool, args.copy_threads, sources[:1] * args.chunks, targets[:1] * args.chunks
-            )
-            pieces_s = pieces_seconds(pool, args.copy_threads, *pieces, targets, args.prompt_chunks)
-            if round_index:
-                now = CopyTimes(store_s, retrieve_s, memcpy_s, hot_s, pieces_s)
-                best = CopyTimes(*map(min, best, now))
-    return best
 
 
 def _missed(result: CpuBenchResult) -> list[str]:
@@ -222,10 +155,14 @@ def run_cpu(args: argparse.Namespace) -> CpuBenchResult:
                     raise BenchFailed(f"server sees {registered.block_bytes} bytes per block")
                 lag_before = refs.histogram_counts(refs.admin_text(admin, "/metrics"), LAG_METRIC)
                 layout = plan_layout(kv.specs, BLOCK_TOKENS, kv.nbytes)
-                runs = [
-                    chunk_runs(layout, i * blocks_per_chunk, blocks_per_chunk) for i in range(args.chunks)
-                ]
-                times = _copy_rounds(client, args, chunk_bytes, source_blocks, (kv.region, runs))
+                runs, back = (
+                    [
+                        chunk_runs(layout, first + i * blocks_per_chunk, blocks_per_chunk)
+                        for i in range(args.chunks)
+                    ]
+                    for first in (0, source_blocks)
+                )
+                times = copy_rounds(client, args, chunk_bytes, source_blocks, (kv.region, runs, back))
                 lag_after = refs.histogram_counts(refs.admin_text(admin, "/metrics"), LAG_METRIC)
                 verified = all(
                     kv.block_bytes(block) == kv.block_bytes(source_blocks + block)
@@ -271,7 +208,9 @@ def run_cpu(args: argparse.Namespace) -> CpuBenchResult:
     refs.progress(f"bench cpu: L1 metadata of {args.metadata_chunks} chunks")
     metadata = metadata_bytes_per_chunk(args.metadata_chunks)
     total_bytes = args.chunks * chunk_bytes
-    store_gbps, retrieve_gbps, memcpy_gbps, hot_gbps, pieces_gbps = (total_bytes / s / 1e9 for s in times)
+    store_gbps, retrieve_gbps, memcpy_gbps, hot_gbps, pieces_gbps, back_gbps = (
+        total_bytes / s / 1e9 for s in times
+    )
     lookup_p50, echo_p50 = refs.percentile_us(lookups, 0.5), refs.percentile_us(echoes, 0.5)
     lookup_p99, echo_p99 = refs.percentile_us(lookups, 0.99), refs.percentile_us(echoes, 0.99)
     result = CpuBenchResult(
@@ -280,8 +219,9 @@ def run_cpu(args: argparse.Namespace) -> CpuBenchResult:
         memcpy_gbps=memcpy_gbps,
         memcpy_hot_gbps=hot_gbps,
         memcpy_pieces_gbps=pieces_gbps,
+        memcpy_pieces_retrieve_gbps=back_gbps,
         store_pieces_ratio=store_gbps / pieces_gbps,
-        retrieve_pieces_ratio=retrieve_gbps / pieces_gbps,
+        retrieve_pieces_ratio=retrieve_gbps / back_gbps,
         pieces_per_chunk=len(runs[0]),
         store_ratio=store_gbps / memcpy_gbps,
         retrieve_ratio=retrieve_gbps / memcpy_gbps,
@@ -347,9 +287,9 @@ def _table(r: CpuBenchResult) -> str:
                 if r.copy_nt_threshold
                 else "glibc's default streaming threshold"
             ),
-            f"  pieces    {r.memcpy_pieces_gbps:8.2f} GB/s memmove of the store's own {r.pieces_per_chunk} runs per chunk "
-            f"({r.chunk_bytes // max(1, r.pieces_per_chunk) >> 10} KiB each): store {r.store_pieces_ratio:.2f}x, "
-            f"retrieve {r.retrieve_pieces_ratio:.2f}x of it (informational)",
+            f"  pieces    {r.memcpy_pieces_gbps:8.2f} / {r.memcpy_pieces_retrieve_gbps:.2f} GB/s memmove of the store's / "
+            f"retrieve's own {r.pieces_per_chunk} runs per chunk ({r.chunk_bytes // max(1, r.pieces_per_chunk) >> 10} "
+            f"KiB each): store {r.store_pieces_ratio:.2f}x, retrieve {r.retrieve_pieces_ratio:.2f}x (informational)",
             f"  store     {r.store_gbps:8.2f} GB/s  {r.store_ratio:5.2f}x  " + verdict("store_ratio"),
             f"  retrieve  {r.retrieve_gbps:8.2f} GB/s  {r.retrieve_ratio:5.2f}x  "
             + verdict("retrieve_ratio"),
