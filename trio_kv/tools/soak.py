@@ -32,6 +32,9 @@ BLOCK = 16
 BLOCKS_PER_CLIENT = 32
 SALTS = ("", "tenant-a", "tenant-b")
 PROMPTS_PER_SALT = 12
+TRUNCATOR_PROMPTS = 8
+# Every chunk the soak can store: each salt's prompts (up to 4 chunks each) and the truncator's.
+DISTINCT_CHUNKS = len(SALTS) * PROMPTS_PER_SALT * 4 + TRUNCATOR_PROMPTS * 4
 BOMB_BYTES = 1 << 20  # decode bombs a hostile client sends alongside (tools/bombs.py)
 
 
@@ -54,6 +57,7 @@ class SoakReport(msgspec.Struct):
     l2_loads: int
     l2_writes: int
     l2_evictions: int
+    l2_objects_held: int  # in the fullest L2 tier at the end; at most DISTINCT_CHUNKS
     rss_growth_after_warmup_mib: float
     truncations: int = 0  # plain KV files truncated under the server by their engine
     truncation_surprises: int = 0  # copies from or into a truncated file that did not fail
@@ -214,10 +218,13 @@ async def _truncation_loop(url: str, deadline: float, counts: _Counts, seed: int
     and stores and retrieves again: both must fail with TRANSFER_FAILED and the server live."""
     rng = random.Random(seed * 7919)
     blocks = list(range(4 * CHUNK // BLOCK))
+    # What it stores comes from a few prompts: each new one would stay in the unbounded first
+    # L2 tier for good, and the resident memory the soak reports would grow with the run's length.
+    prompts = [[rng.randrange(50_000) for _ in range(4 * CHUNK)] for _ in range(TRUNCATOR_PROMPTS)]
     async with await AsyncClient.connect(url, timeout_s=10) as client:
         while trio.current_time() < deadline:
-            tokens = [rng.randrange(50_000) for _ in range(4 * CHUNK)]
-            fresh = [rng.randrange(50_000) for _ in range(4 * CHUNK)]
+            tokens = rng.choice(prompts)
+            fresh = [rng.randrange(50_000) for _ in range(4 * CHUNK)]  # never stored: the file is empty
             with create_shared_kv_cache(
                 num_blocks=len(blocks),
                 block_size=BLOCK,
@@ -352,6 +359,7 @@ async def run_soak(seconds: float, *, clients: int = 8, seed: int = 1) -> SoakRe
                 l2_loads=sum(t.loads for t in engine.status().l2),
                 l2_writes=sum(t.written for t in engine.status().l2),
                 l2_evictions=sum(t.evictions for t in l2_tiers),
+                l2_objects_held=max(len(t.adapter.objects) for t in l2_tiers),
                 rss_growth_after_warmup_mib=counts.rss_samples[-1] - warm,
                 truncations=counts.truncations,
                 truncation_surprises=counts.truncation_surprises,
