@@ -42,7 +42,10 @@ def test_the_defaults_are_sixteen_chunks_of_32_mib_in_three_rounds_under_tmp():
 def test_json_reports_every_figure_with_ratios_of_the_figures(tmp_path, capsys):
     # Sync on purpose: main() calls trio.run itself.
     assert bench_fs.main(tiny(tmp_path, "--json")) == 0
-    report = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    progress = [line.split("] ", 1)[1] for line in captured.err.splitlines()]
+    assert progress == ["bench fs: round 1/2", "bench fs: round 2/2"]  # stderr, never in the JSON
     for name in FIGURES:
         value = report[name]
         assert isinstance(value, float) and math.isfinite(value) and value > 0, (name, value)

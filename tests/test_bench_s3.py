@@ -37,10 +37,17 @@ def test_bench_s3_starts_its_own_server_by_default_and_reports_every_figure(caps
     # Sync on purpose: main() calls trio.run itself.
     status = bench_s3.main(parse(["--json", "--chunks", "2", "--chunk-mib", "0.01", "--rounds", "2"]))
     assert status == 0
-    report = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
     check_report(report, int(0.01 * 1024 * 1024))
     assert report["endpoint"] == "local-moto"
     assert (report["chunks"], report["rounds"]) == (2, 2)
+    # Progress goes to stderr, one line per round after the warm-up's, and never into the JSON.
+    assert [line.split("] ", 1)[1] for line in captured.err.splitlines() if "bench s3:" in line] == [
+        "bench s3: local-moto, warm-up",
+        "bench s3: local-moto, round 1/2",
+        "bench s3: local-moto, round 2/2",
+    ]
 
 
 def test_bench_s3_uses_the_endpoint_and_bucket_it_is_given(capsys, monkeypatch):

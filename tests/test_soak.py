@@ -4,7 +4,12 @@ from trio_kv.tools.soak import DISTINCT_CHUNKS, run_soak
 
 
 async def test_soak_leaks_nothing_and_loses_no_byte():
-    report = await run_soak(45.0, clients=8, seed=7)
+    lines: list[str] = []
+    report = await run_soak(45.0, clients=8, seed=7, progress=lines.append)
+    # A line every 10 s of load (at about 10, 20, 30 and 40 s), then one as the audit starts.
+    *load, audit = lines
+    assert len(load) == 4 and all(line.startswith("bench soak: ") and "/45 s, " in line for line in load)
+    assert audit.startswith("bench soak: load over")
     # The run really exercised the paths it audits.
     assert report.requests > 1000
     assert report.faults_injected > 10

@@ -52,6 +52,7 @@ from ..adapters.base import AdapterError
 from ..adapters.fs import READ_PARTS, FsAdapter
 from ..core.l2_tier import L2Tier
 from ..keys import ObjectKey
+from . import bench_refs as refs
 from .common import BenchFailed, bad_counts, emit, run_or_fail
 
 TARGET_RATIO = 0.8
@@ -239,6 +240,7 @@ async def run_fs(args: argparse.Namespace, directory: str) -> FsBenchResult:
     bench = _Bench(directory, args.chunks, chunk_bytes)
     await bench.l2.recover()
     for number in range(args.rounds):
+        refs.progress(f"bench fs: round {number + 1}/{args.rounds}")
         round_ = _Round(bench, number)
         try:
             await bench.run_round(round_, adapter_first=number % 2 == 0)

@@ -40,6 +40,7 @@ from ..adapters.s3 import S3Adapter
 from ..adapters.s3_transport import make_client
 from ..core.l2_tier import L2Tier
 from ..keys import ObjectKey
+from . import bench_refs as refs
 
 MIB = 1024 * 1024
 MODEL = "bench/s3"
@@ -153,6 +154,9 @@ async def _run(
     verified = True
     # Round -1 is an untimed warm-up: connections, credentials, and the server's first allocations.
     for round_index in range(-1, rounds):
+        refs.progress(
+            f"bench s3: {label}, " + (f"round {round_index + 1}/{rounds}" if round_index >= 0 else "warm-up")
+        )
         keys = [ObjectKey(MODEL, 1, 0, uuid.uuid4().bytes, "") for _ in range(chunks)]
         names = [f"{adapter.prefix}direct/{uuid.uuid4().hex}" for _ in range(chunks)]
         adapter_first = round_index % 2 == 0

@@ -8,6 +8,7 @@ import logging
 import msgspec
 import trio
 
+from . import bench_refs as refs
 from .soak import run_soak
 
 
@@ -32,7 +33,9 @@ def add_parser(bench_subparsers: argparse._SubParsersAction) -> None:
 
 def main(args: argparse.Namespace) -> int:
     logging.getLogger("trio_kv").setLevel(logging.ERROR)
-    report = trio.run(lambda: run_soak(args.seconds, clients=args.clients, seed=args.seed))
+    report = trio.run(
+        lambda: run_soak(args.seconds, clients=args.clients, seed=args.seed, progress=refs.progress)
+    )
     healthy = not (
         report.leaked_leases
         or report.leaked_bytes

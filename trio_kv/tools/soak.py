@@ -11,6 +11,7 @@ import hashlib
 import os
 import random
 import resource
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -293,8 +294,28 @@ def _l2_mismatches(l2_tiers: list[L2Tier[MockAdapter]]) -> int:
     return bad
 
 
-async def run_soak(seconds: float, *, clients: int = 8, seed: int = 1) -> SoakReport:
-    """Run the soak for ``seconds`` and audit everything afterwards."""
+async def _report_progress(
+    progress: Callable[[str], None], start: float, deadline: float, counts: _Counts, every_s: float
+) -> None:
+    """A line every ``every_s`` seconds until the deadline: how far the soak is, what it did."""
+    while trio.current_time() + every_s < deadline:
+        await trio.sleep(every_s)
+        progress(
+            f"bench soak: {trio.current_time() - start:.0f}/{deadline - start:.0f} s, {counts.requests} requests, "
+            f"{counts.faults} faults, {counts.killed} clients killed, {counts.verified} chunks verified"
+        )
+
+
+async def run_soak(
+    seconds: float,
+    *,
+    clients: int = 8,
+    seed: int = 1,
+    progress: Callable[[str], None] | None = None,
+    progress_every_s: float = 10.0,
+) -> SoakReport:
+    """Run the soak for ``seconds`` and audit everything afterwards; ``progress`` gets a line
+    every ``progress_every_s`` seconds while it runs, and one as the audit starts."""
     counts = _Counts()
     bombs = BombCounts()
     lease_ttl = 1.0
@@ -326,6 +347,10 @@ async def run_soak(seconds: float, *, clients: int = 8, seed: int = 1) -> SoakRe
                 )
                 for index in range(clients):
                     nursery.start_soon(_client_loop, index, server.url, kv, deadline, counts, seed)
+                if progress is not None:
+                    nursery.start_soon(_report_progress, progress, start, deadline, counts, progress_every_s)
+            if progress is not None:
+                progress("bench soak: load over; waiting for the server to go idle, then auditing")
             # Quiesce: requests finish, write-behind drains, abandoned calls land, leases expire.
             with trio.fail_after(30):
                 await server.server.wait_idle()
