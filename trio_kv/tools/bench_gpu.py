@@ -40,6 +40,7 @@ from ..transfer.cuda import CudaTransfer
 from ..transfer.events import driver_status
 from ..transfer.layout import plan_layout
 from ..transfer.plan import ChunkCopy, plan_copies
+from . import bench_refs as refs
 from .common import BenchFailed, bad_counts, emit, run_or_fail
 
 CHUNK_TOKENS = 256
@@ -247,7 +248,10 @@ async def run_gpu(args: argparse.Namespace) -> GpuBenchResult:
     arena = torch.empty(2 * args.chunks * chunk_bytes, dtype=torch.uint8)
     transfer.pin_host(arena)
     half = args.chunks * chunk_bytes
-    results = [await _bench_layout(transfer, layout, args, arena[:half], arena[half:]) for layout in LAYOUTS]
+    results = []
+    for layout in LAYOUTS:
+        refs.progress(f"bench gpu: {layout} layout, {args.rounds} rounds")
+        results.append(await _bench_layout(transfer, layout, args, arena[:half], arena[half:]))
     return GpuBenchResult(
         device=args.device,
         chunks=args.chunks,
