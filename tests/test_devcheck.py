@@ -91,7 +91,8 @@ def test_the_bench_summary_reads_what_bench_gpu_prints(tmp_path):
         device=0, chunks=16, chunk_bytes=1 << 25, layers=32, rounds=5, target_ratio=0.8, layouts=[layout]
     )
     out = tmp_path / "bench_gpu.out"
-    out.write_text("some log line\n" + json.dumps(msgspec.to_builtins(result)) + "\nRESULT bench-gpu: rc=0\n")
+    progress = "[10:00:00] bench gpu: per_layer layout, 5 rounds\n"  # its stderr, merged in by run_step
+    out.write_text(progress + json.dumps(msgspec.to_builtins(result)) + "\nRESULT bench-gpu: rc=0\n")
     done = subprocess.run(
         [sys.executable, str(DEVCHECK / "dc_engine.py"), "summarize-bench", str(out)],
         capture_output=True,
