@@ -178,12 +178,16 @@ async def test_bench_cpu_runs_one_untimed_warm_up_round_before_the_timed_ones(ro
                 registered = await trio.to_thread.run_sync(client.register_kv_cache, bench_cpu.INSTANCE, kv)
                 chunk_bytes = registered.block_bytes * 16
                 layout = plan_layout(kv.specs, 16, kv.nbytes)
+                target_block0 = args.chunks * 16  # retrieves land past the stored blocks
                 pieces = (
                     kv.region,
-                    *([chunk_runs(layout, first + 16 * i, 16) for i in range(2)] for first in (0, 32)),
+                    *(
+                        [chunk_runs(layout, first + 16 * i, 16) for i in range(args.chunks)]
+                        for first in (0, target_block0)
+                    ),
                 )
                 times = await trio.to_thread.run_sync(
-                    bench_cpu_copies.copy_rounds, client, args, chunk_bytes, 2 * 16, pieces
+                    bench_cpu_copies.copy_rounds, client, args, chunk_bytes, target_block0, pieces
                 )
             stored = server.server.metrics.traffic_summary()["total"]["stored_bytes"]
     assert stored == (1 + rounds) * args.chunks * chunk_bytes

@@ -56,6 +56,7 @@ def copy_rounds(
         for n in [min(args.prompt_chunks, args.chunks - first)]
     ]
     sources, targets = chunk_buffers(args.chunks, chunk_bytes)  # 2 x 512 MiB for the defaults
+    region, store_runs, retrieve_runs = pieces
     best = CopyTimes(*[math.inf] * len(CopyTimes._fields))
     with ThreadPoolExecutor(args.copy_threads) as pool:
         for round_index in range(1 + args.rounds):  # round 0 is the warm-up
@@ -81,7 +82,6 @@ def copy_rounds(
             hot_s = memcpy_seconds(
                 pool, args.copy_threads, sources[:1] * args.chunks, targets[:1] * args.chunks
             )
-            region, store_runs, retrieve_runs = pieces
             pieces_s = pieces_seconds(
                 pool, args.copy_threads, region, store_runs, targets, args.prompt_chunks
             )

@@ -36,6 +36,7 @@ PROMPTS_PER_SALT = 12
 TRUNCATOR_PROMPTS = 8
 # Every chunk the soak can store: each salt's prompts (up to 4 chunks each) and the truncator's.
 DISTINCT_CHUNKS = len(SALTS) * PROMPTS_PER_SALT * 4 + TRUNCATOR_PROMPTS * 4
+PROGRESS_EVERY_S = 10.0  # how often run_soak's progress callback gets a line
 BOMB_BYTES = 1 << 20  # decode bombs a hostile client sends alongside (tools/bombs.py)
 
 
@@ -295,11 +296,11 @@ def _l2_mismatches(l2_tiers: list[L2Tier[MockAdapter]]) -> int:
 
 
 async def _report_progress(
-    progress: Callable[[str], None], start: float, deadline: float, counts: _Counts, every_s: float
+    progress: Callable[[str], None], start: float, deadline: float, counts: _Counts
 ) -> None:
-    """A line every ``every_s`` seconds until the deadline: how far the soak is, what it did."""
-    while trio.current_time() + every_s < deadline:
-        await trio.sleep(every_s)
+    """A line every ``PROGRESS_EVERY_S`` until the deadline: how far the soak is, what it did."""
+    while trio.current_time() + PROGRESS_EVERY_S < deadline:
+        await trio.sleep(PROGRESS_EVERY_S)
         progress(
             f"bench soak: {trio.current_time() - start:.0f}/{deadline - start:.0f} s, {counts.requests} requests, "
             f"{counts.faults} faults, {counts.killed} clients killed, {counts.verified} chunks verified"
@@ -311,11 +312,10 @@ async def run_soak(
     *,
     clients: int = 8,
     seed: int = 1,
-    progress: Callable[[str], None] | None = None,
-    progress_every_s: float = 10.0,
+    progress: Callable[[str], None] = lambda line: None,
 ) -> SoakReport:
     """Run the soak for ``seconds`` and audit everything afterwards; ``progress`` gets a line
-    every ``progress_every_s`` seconds while it runs, and one as the audit starts."""
+    every ``PROGRESS_EVERY_S`` while it runs, and one as the audit starts."""
     counts = _Counts()
     bombs = BombCounts()
     lease_ttl = 1.0
@@ -347,10 +347,8 @@ async def run_soak(
                 )
                 for index in range(clients):
                     nursery.start_soon(_client_loop, index, server.url, kv, deadline, counts, seed)
-                if progress is not None:
-                    nursery.start_soon(_report_progress, progress, start, deadline, counts, progress_every_s)
-            if progress is not None:
-                progress("bench soak: load over; waiting for the server to go idle, then auditing")
+                nursery.start_soon(_report_progress, progress, start, deadline, counts)
+            progress("bench soak: load over; waiting for the server to go idle, then auditing")
             # Quiesce: requests finish, write-behind drains, abandoned calls land, leases expire.
             with trio.fail_after(30):
                 await server.server.wait_idle()
