@@ -13,7 +13,8 @@
    stream order by a worker thread, or by whoever waits (cuEventSynchronize, cuEventQuery,
    cuStreamSynchronize). An event is complete once the work enqueued before its latest
    record is done; a stream held by stub_hold() does nothing until released, so an event
-   recorded on it never completes (a hung engine). Destroyed events and streams and closed
+   recorded on it never completes (a hung engine); cuStreamWaitValue32 holds a stream until a
+   host word meets its condition (tests/test_gpu_cuda.py gates streams so). Destroyed events and streams and closed
    IPC mappings stay known, so using one again returns CUDA_ERROR_INVALID_HANDLE (400).
    While stub_gate_ipc_open (or _close) is set, cuIpcOpenMemHandle (cuIpcCloseMemHandle) waits
    until it is cleared (stub_gate), at most 3 s (then stub_gate_timeouts counts it), as a slow
@@ -29,7 +30,7 @@ typedef struct { int srcAccessOrder; Loc src; Loc dst; unsigned int flags; } Att
 enum { LIVE = 0x11, DEAD = 0xDD };
 typedef struct Event { int magic; unsigned int flags; long recorded, completed; struct Event *origin; } Event;
 typedef struct Op { int kind; CUdeviceptr d, s; size_t n; Event *e; long seq; struct Op *next; } Op;
-enum { COPY, SET, RECORD, WAIT };
+enum { COPY, SET, RECORD, WAIT, WAIT_VALUE };
 typedef struct Stream { int magic; int held; Op *head, *tail; } Stream;
 
 long stub_batch_calls, stub_memcpy_calls, stub_waits, stub_syncs, stub_queries, stub_registered, stub_unregistered;
@@ -76,11 +77,20 @@ static void push(Stream *s, Op op) {  /* lock held */
     if (s->tail) s->tail->next = o; else s->head = o;
     s->tail = o; pthread_cond_signal(&work_queued); }
 
+static int value_reached(Op *o) {  /* cuStreamWaitValue32: GEQ, EQ, AND, NOR (flush bit ignored) */
+    unsigned int word = *(volatile unsigned int *)o->d, value = (unsigned int)o->s;
+    switch (o->n & 3) {
+    case 0: return (int)(word - value) >= 0;
+    case 1: return word == value;
+    case 2: return (word & value) != 0;
+    default: return ~(word | value) != 0; } }
+
 static int run_stream(Stream *s) {  /* lock held: do what can be done; returns ops done */
     int done = 0;
     while (s->head && !s->held) {
         Op *o = s->head;
         if (o->kind == WAIT && origin(o->e)->completed < o->seq) break;
+        if (o->kind == WAIT_VALUE && !value_reached(o)) break;
         if (o->kind == COPY) { memcpy((void *)o->d, (void *)o->s, o->n); stub_copies_done++; }
         if (o->kind == SET) memset((void *)o->d, (int)o->s, o->n);
         if (o->kind == RECORD && origin(o->e)->completed < o->seq) origin(o->e)->completed = o->seq;
@@ -221,7 +231,13 @@ CUresult cuIpcCloseMemHandle(CUdeviceptr p) {
 CUresult cuMemHostRegister(void *p, size_t n, unsigned int f) { NEED_CTX; if (f != 3) return 1; stub_registered++; return 0; }
 CUresult cuMemHostUnregister(void *p) { stub_unregistered++; return 0; }
 CUresult cuMemHostGetDevicePointer(CUdeviceptr *d, void *p, unsigned int f) { *d = (CUdeviceptr)p; return 0; }
-CUresult cuStreamWaitValue32(void *s, CUdeviceptr a, unsigned int v, unsigned int f) { return 801; }
+/* A real libcuda exports both names; cuda-bindings looks up both. The worker re-checks a waiting
+   stream every 2 ms. */
+CUresult cuStreamWaitValue32(void *s, CUdeviceptr a, unsigned int v, unsigned int f) {
+    if (!live_stream(s) || !a) return 400;
+    pthread_mutex_lock(&lock); push(S(s), (Op){WAIT_VALUE, a, v, f, 0, 0, 0}); pthread_mutex_unlock(&lock); return 0; }
+CUresult cuStreamWaitValue32_v2(void *s, CUdeviceptr a, unsigned int v, unsigned int f) {
+    return cuStreamWaitValue32(s, a, v, f); }
 static CUresult enqueue(int kind, CUdeviceptr d, CUdeviceptr s, size_t n, void *st) {
     if (!live_stream(st)) return 400;
     pthread_mutex_lock(&lock); push(S(st), (Op){kind, d, s, n, 0, 0, 0}); pthread_mutex_unlock(&lock); return 0; }
