@@ -111,3 +111,11 @@ def test_the_wheels_stay_out_of_git():
 def test_the_engine_side_clears_only_its_own_salt():
     # A Clear of every salt is an admin action: the check's client has no admin token.
     assert ".clear()" not in (DEVCHECK / "dc_engine.py").read_text()
+
+
+@pytest.mark.parametrize("script", ["device_check.sh", "rehearse_on_stub.sh"])
+def test_the_scripts_parse_and_name_files_that_exist(script):
+    path = DEVCHECK / script
+    subprocess.run(["bash", "-n", str(path)], check=True, capture_output=True, timeout=30)
+    for named in re.findall(r"(?<![\w$/.-])((?:tests|devcheck)/[\w./-]+\.(?:c|py|sh))", path.read_text()):
+        assert (ROOT / named).is_file(), (script, named)
