@@ -55,6 +55,8 @@ from .tiering import Tiering
 FaultHook = Callable[[str], Awaitable[None]]
 log = logging.getLogger(__name__)
 
+UNMAP_WAIT_S = 10.0  # how long an Unregister waits for the server to unmap the engine's memory
+
 
 class EngineSettings(msgspec.Struct, frozen=True):
     chunk_size: int = 256
@@ -125,9 +127,16 @@ class CacheEngine:
         check_registration(request, self.settings.limits, self.chunk_size)
         return await self.registry.aregister(self.transfer, request, peer)
 
-    def unregister(self, request: UnregisterKVCache, peer: Peer | None = None) -> Unregistered:
-        # Copies in flight keep their own reference to the mapping, so this is safe at any time.
-        return Unregistered(existed=self.registry.remove(request.instance_id, peer))
+    async def unregister(self, request: UnregisterKVCache, peer: Peer | None = None) -> Unregistered:
+        """Unregister an instance, answered once the server maps none of its memory: by CUDA's
+        rules the engine must not free memory another process has open (a CUDA cache's copies
+        end or stop first, then its IPC mappings close; bounded by ``UNMAP_WAIT_S``). Copies in
+        flight keep their own reference to the mapping, so this is safe at any time."""
+        cache = self.registry.instances.get(request.instance_id)
+        existed = self.registry.remove(request.instance_id, peer)
+        if cache is not None and not await self.transfer.wait_unmapped(cache, UNMAP_WAIT_S):
+            log.warning("KV cache %r: still mapped %g s after Unregister", request.instance_id, UNMAP_WAIT_S)
+        return Unregistered(existed=existed)
 
     def drop_peer(self, peer: Peer) -> int:
         """Unregister what ``peer``'s connection registered and drop what it claimed: it went away."""

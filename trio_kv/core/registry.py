@@ -7,8 +7,9 @@ registration made with no peer (from inside the server's process) belongs to no 
 A connection that closes and dials again (an engine reconnecting) may reach the server before
 nng has reported the old pipe gone: a registration of an instance another open connection
 holds therefore waits up to ``HOLDER_GRACE_S`` for that holder to go before it is refused.
-Dropping one only forgets the mapping: a copy in flight keeps its own reference to it, and
-the transfer backend releases it once nothing does (CUDA: in a thread, off the event loop).
+Dropping one retires the mapping: a copy in flight keeps its own reference to it, and the
+transfer backend releases it once nothing does (CUDA: copies still waiting for the engine
+stop, and the IPC mappings are closed in a thread, off the event loop).
 """
 
 from __future__ import annotations
@@ -139,6 +140,7 @@ class InstanceRegistry:
             freed.set()
         if cache is not None:
             self.owners.forget(cache)
+            cache.retire()
         return cache is not None
 
     def _owner_exited(self, cache: object) -> None:

@@ -161,7 +161,7 @@ class Server:
                 Hello: WithPeer(asynchronous(self._hello)),
                 Ping: asynchronous(lambda _: Pong()),
                 RegisterKVCache: WithPeer(self.engine.aregister),
-                UnregisterKVCache: WithPeer(asynchronous(self.engine.unregister)),
+                UnregisterKVCache: WithPeer(self.engine.unregister),
                 Store: self.engine.store,
                 Lookup: WithPeer(self.engine.lookup),
                 Retrieve: self.engine.retrieve,

@@ -86,6 +86,11 @@ class CpuTransfer:
         """Shared-memory mappings are released as their objects go: nothing to wait for."""
         return True
 
+    async def wait_unmapped(self, cache: MappedKVCache, timeout_s: float = 10.0) -> bool:
+        """Return once a retired ``cache`` maps nothing any more (CUDA: ``CudaTransfer``). The
+        engine's memory stays valid under a shared-memory mapping, so here there is no wait."""
+        return True
+
     async def _run(
         self,
         copy: Callable[[Sequence[CopyJob], int, int], None],

@@ -267,13 +267,20 @@ class CudaTransfer(CpuTransfer):
         if not len(plan):
             return
         self._check_pinned(jobs)
-        engine_event = cache.hold_event(ipc_event) if ipc_event else cache.registered_event
+        cache.copy_started()
         try:
-            async with self.copy_slots:
-                failure = await self._run_copies(cache, engine_event, plan, to_host)
+            engine_event = cache.hold_event(ipc_event) if ipc_event else cache.registered_event
+            try:
+                async with self.copy_slots:
+                    failure = await self._run_copies(cache, engine_event, plan, to_host)
+            finally:
+                if ipc_event:
+                    cache.release_event(ipc_event)
         finally:
-            if ipc_event:
-                cache.release_event(ipc_event)
+            cache.copy_ended()
+        if failure is None and to_host and cache.retired.is_set():
+            # A dead engine's event may have completed with its blocks half written: keep nothing.
+            failure = "the KV cache was unregistered during the copy (engine gone?); nothing is kept"
         if failure is not None:
             raise TrioKVError(ErrorCode.TRANSFER_FAILED, f"CUDA copy failed: {failure}")
 
@@ -292,11 +299,20 @@ class CudaTransfer(CpuTransfer):
             self.copier,
             self.copy_timeout_s,
             stop,
+            cache.retired,
         )
         failure: str | None = await run_to_completion(
             _run_copies_reporting, *args, stop=stop, limiter=self._threads
         )
         return failure
+
+    async def wait_unmapped(self, cache: MappedKVCache, timeout_s: float = 10.0) -> bool:
+        """Return once a retired CUDA ``cache`` has closed its IPC mappings (its copies have ended
+        or stopped first); False if that took longer than ``timeout_s``."""
+        if not isinstance(cache, MappedCudaKVCache) or cache.released.is_set():
+            return True
+        released = cache.released
+        return await trio.to_thread.run_sync(released.wait, timeout_s, abandon_on_cancel=True)
 
     # ------------------------------------------------------------ shutdown
 

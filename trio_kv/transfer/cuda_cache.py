@@ -2,11 +2,18 @@
 the thread that releases them.
 
 A mapped cache's IPC mappings, events and streams are released once nothing uses
-the cache any more: when it is unregistered or its connection goes away, or when
-the last copy that still holds it ends. That moment is on the Trio thread (or on
+the cache any more: when it is retired (unregistered, replaced, or its connection
+went away) and no copy holds it, or when the last copy that held it ends; failing
+that, when its last reference goes. That moment is on the Trio thread (or on
 whichever thread drops the last reference), and ``cuIpcCloseMemHandle`` unmaps
 device memory, which can take milliseconds per allocation. So releases are handed
 to one ``Releaser`` thread per backend and done there in the order they came.
+
+Retiring a cache also tells its copies still waiting for the engine's event to stop
+(the engine may be dead, and its event may never complete), and no copy starts on it
+afterwards. ``CudaResources.released`` is set once its mappings are closed: an
+Unregister is answered only then, since by CUDA's rules the engine must not free
+memory (or destroy events) another process still has open.
 """
 
 from __future__ import annotations
@@ -41,8 +48,15 @@ class CudaResources:
         self.memory: list[Any] = []  # pointers from cuIpcOpenMemHandle
         self.events: list[Any] = []
         self.streams: list[Any] = []
+        self.released = threading.Event()  # set once release() has run
 
     def release(self) -> None:
+        try:
+            self._release()
+        finally:
+            self.released.set()
+
+    def _release(self) -> None:
         try:
             self.device.activate()
         except Exception as exc:
@@ -128,11 +142,36 @@ class MappedCudaKVCache(MappedKVCache):
         self.registered_event: Any = None
         self._events: OrderedDict[bytes, Any] = OrderedDict()
         self._holds: dict[bytes, int] = {}  # copies (queued or running) that need the event
+        self.retired = threading.Event()  # the registration is gone: waiting copies stop
+        self._copies = 0  # copies (queued or running) on this cache; Trio thread only
+
+    @property
+    def released(self) -> threading.Event:
+        """Set once the driver objects (IPC mappings first of all) are released."""
+        return self._resources.released
 
     def close(self) -> None:
         """Release the driver objects now (in the releaser's thread): for a cache that was
         never registered, which no copy can hold."""
         self._release()
+
+    def retire(self) -> None:
+        """The registration is gone: copies still waiting for the engine's event stop, no copy
+        starts, and the driver objects are released once no copy holds the cache."""
+        self.retired.set()
+        if not self._copies:
+            self._release()
+
+    def copy_started(self) -> None:
+        """A copy holds the cache until ``copy_ended``; refused once it is retired."""
+        if self.retired.is_set():
+            raise TrioKVError(ErrorCode.UNKNOWN_INSTANCE, "the KV cache was unregistered")
+        self._copies += 1
+
+    def copy_ended(self) -> None:
+        self._copies -= 1
+        if not self._copies and self.retired.is_set():
+            self._release()
 
     def gather(self, jobs: Sequence[CopyJob], part: int = 0, parts: int = 1) -> None:
         raise TypeError("a CUDA KV cache is copied by CudaTransfer, not by the CPU path")
@@ -167,7 +206,10 @@ class MappedCudaKVCache(MappedKVCache):
     def _evict_idle_events(self) -> None:
         """Destroy the least recently used events no copy holds, down to MAX_OPEN_EVENTS."""
         excess = len(self._events) - MAX_OPEN_EVENTS
-        for raw in [raw for raw in self._events if raw not in self._holds][: max(0, excess)]:
+        idle = [raw for raw in self._events if raw not in self._holds][: max(0, excess)]
+        if idle:
+            self.device.activate()  # the calling thread may have another device's context current
+        for raw in idle:
             event = self._events.pop(raw)
             self._resources.events.remove(event)
             call(driver.cuEventDestroy, event)

@@ -65,6 +65,9 @@ SIZE_MAX = (1 << 64) - 1  # failIdx when no single piece is to blame
 POLL_FIRST_S, POLL_MAX_S = 20e-6, 1e-3  # backoff while polling the engine's event
 
 
+UNREGISTERED_WHILE_WAITING = "the KV cache was unregistered while its copy waited for the engine's event"
+
+
 class EngineEventTimeout(RuntimeError):
     """The engine's event did not complete in time: nothing was enqueued."""
 
@@ -189,9 +192,10 @@ class Copier:
                 raise CudaError(f"cuMemcpyBatchAsync ({where})", result)
 
 
-def wait_for_event(event: Any, timeout_s: float, stop: threading.Event) -> None:
+def wait_for_event(event: Any, timeout_s: float, stop: threading.Event, retired: threading.Event) -> None:
     """Block until the work recorded before ``event`` is complete, polling ``cuEventQuery``.
-    Raises EngineEventTimeout after ``timeout_s``, CopyAbandoned once ``stop`` is set."""
+    Raises EngineEventTimeout after ``timeout_s``, CopyAbandoned once ``stop`` (the caller was
+    cancelled) or ``retired`` (the registration is gone: the engine may be dead) is set."""
     deadline = time.monotonic() + timeout_s
     pause = POLL_FIRST_S
     while True:
@@ -202,6 +206,8 @@ def wait_for_event(event: Any, timeout_s: float, stop: threading.Event) -> None:
             raise CudaError("cuEventQuery (the engine's event)", result)
         if stop.is_set():
             raise CopyAbandoned("cancelled while waiting for the engine's event")
+        if retired.is_set():
+            raise CopyAbandoned(UNREGISTERED_WHILE_WAITING)
         now = time.monotonic()
         if now >= deadline:
             raise EngineEventTimeout(
@@ -221,17 +227,21 @@ def run_copies(
     copier: Copier,
     timeout_s: float,
     stop: threading.Event,
+    retired: threading.Event,
 ) -> None:
     """Copy every piece of ``plan`` on ``stream`` once ``engine_event`` (if any) is complete, and
     return only once the copies are complete. Blocking: run it in a worker thread.
 
     The wait for the engine's event is bounded (``wait_for_event``); it raises before anything is
-    enqueued. If enqueueing fails part way, what was enqueued is still waited for before the error
-    is raised, so the caller may free its buffers whenever this returns or raises.
+    enqueued, as it does at once if the cache is ``retired``. If enqueueing fails part way, what
+    was enqueued is still waited for before the error is raised, so the caller may free its
+    buffers whenever this returns or raises.
     """
+    if retired.is_set():
+        raise CopyAbandoned(UNREGISTERED_WHILE_WAITING)
     device.activate()
     if engine_event is not None:
-        wait_for_event(engine_event, timeout_s, stop)
+        wait_for_event(engine_event, timeout_s, stop, retired)
     flags = driver.CUevent_flags.CU_EVENT_DISABLE_TIMING | driver.CUevent_flags.CU_EVENT_BLOCKING_SYNC
     done = call(driver.cuEventCreate, flags)
     failure: Exception | None = None

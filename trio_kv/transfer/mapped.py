@@ -91,6 +91,10 @@ class MappedKVCache:
             )
             self.groups.append(_Group(count, seg.piece_bytes // width, view.numpy()))
 
+    def retire(self) -> None:
+        """The registration is gone (unregistered, replaced, or its connection or owner went
+        away). A shared-memory mapping needs nothing here: it goes with its last reference."""
+
     def _group_rows(self, buffer: torch.Tensor, n_blocks: int) -> list[np.ndarray]:
         """The chunk buffer cut into one (segment, n_blocks, piece) array per group: L1 holds
         a chunk segment after segment, each segment's piece of every block in order."""
