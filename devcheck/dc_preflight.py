@@ -75,7 +75,8 @@ def main() -> int:
             )
             import os
 
-            print("PYTORCH_CUDA_ALLOC_CONF =", os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "(unset)"))
+            for name in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):
+                print(name, "=", os.environ.get(name, "(unset)"))
     except Exception as exc:
         print(f"torch: {exc}")
     from cuda.bindings import driver

@@ -635,6 +635,7 @@ def test_an_allocation_cuda_ipc_cannot_export_names_the_allocator(stub_env):
             CudaKVCacheExport.from_tensors(device_tensors(), block_dim=1, block_size=4)
         except ValueError as exc:
             assert "expandable_segments" in str(exc) and "PYTORCH_CUDA_ALLOC_CONF" in str(exc), exc
+            assert "PYTORCH_ALLOC_CONF=" in str(exc), exc
             print("allocator named ok")
         """
     )

@@ -8,13 +8,17 @@
 Each tensor's allocation is found with ``cuMemGetAddressRange`` (for PyTorch's
 caching allocator, the ``cudaMalloc`` segment holding it) and exported with
 ``cuIpcGetMemHandle``; one allocation holding several tensors is exported once.
-A small ring of ``EVENT_RING`` events is created with ``CU_EVENT_INTERPROCESS |
-CU_EVENT_DISABLE_TIMING``; ``record_event`` records the next one on a stream and
-returns its handle, so each request names its own event: the server waits for
-that record (not a later step's) before touching the blocks, and replies only
-once its copy is complete, so the engine may reuse the blocks after the reply.
-An event is recorded again only ``EVENT_RING`` records later; a request still
-waiting then would wait for the later record too, later but never too early.
+Each stream ``record_event`` is given gets a small ring of ``EVENT_RING`` events
+(``CU_EVENT_INTERPROCESS | CU_EVENT_DISABLE_TIMING``, the first ring made at export);
+``record_event`` records that ring's next one and returns its handle, so each
+request names its own event: the server waits for that record (not a later
+step's) before touching the blocks, and replies only once its copy is complete,
+so the engine may reuse the blocks after the reply. An event is recorded again
+only ``EVENT_RING`` records later, and on the same stream: a request still waiting
+then waits for the later record too, later but never too early (one ring shared
+by two streams could let it go early: the later record may complete first).
+The registration names no event: every request names its own, and one without
+says the engine synchronised before sending it.
 
 Not supported: memory from the virtual-memory APIs (``cuMemCreate``, e.g.
 PyTorch's ``expandable_segments:True``) or from stream-ordered pools
@@ -41,6 +45,7 @@ from ..protocol import CudaAllocation, CudaRegistration, RegisterKVCache, Tensor
 from .cuda_driver import CudaError, call, handle_bytes
 from .shm import dtype_name
 
+ALLOC_CONF_VARIABLES = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
 EVENT_RING = 8  # interprocess events recorded in turn; the server keeps up to 64 open per instance
 
 
@@ -54,12 +59,23 @@ def _current_context(context: Any) -> Iterator[None]:
         call(driver.cuCtxPopCurrent)
 
 
+def _event_ring() -> list[tuple[Any, bytes]]:
+    """``EVENT_RING`` interprocess events and their handles (a context must be current)."""
+    flags = driver.CUevent_flags.CU_EVENT_INTERPROCESS | driver.CUevent_flags.CU_EVENT_DISABLE_TIMING
+    ring = []
+    for _ in range(EVENT_RING):
+        event = call(driver.cuEventCreate, flags)
+        ring.append((event, handle_bytes(call(driver.cuIpcGetEventHandle, event))))
+    return ring
+
+
 def _export_failed(exc: CudaError) -> ValueError:
-    allocator = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+    # PyTorch 2.9 renamed the setting PYTORCH_ALLOC_CONF and still reads the old name.
+    settings = ", ".join(f"{name}={os.environ.get(name, '')!r}" for name in ALLOC_CONF_VARIABLES)
     return ValueError(
         f"cannot export a KV tensor by CUDA IPC ({exc}): memory from PyTorch's "
         "expandable_segments:True or backend:cudaMallocAsync allocator cannot be exported "
-        f"(PYTORCH_CUDA_ALLOC_CONF={allocator!r}); run vLLM with the default caching allocator"
+        f"({settings}); run vLLM with the default caching allocator"
     )
 
 
@@ -84,9 +100,11 @@ class CudaKVCacheExport:
         self.registration = registration
         self.block_size = block_size
         self.ordinal = ordinal
-        self._events = events  # (CUevent, its handle), recorded in turn
-        self._next = 0
+        self._rings: dict[int, list[tuple[Any, bytes]]] = {}  # per raw stream: (CUevent, handle)
+        self._spare: list[tuple[Any, bytes]] | None = events  # made at export: the first stream's
+        self._next: dict[int, int] = {}
         self._context = context  # the primary context, retained once
+        self._closed = False
 
     @classmethod
     def from_tensors(
@@ -128,22 +146,11 @@ class CudaKVCacheExport:
                         block_dim=block_dim,
                     )
                 )
-            flags = driver.CUevent_flags.CU_EVENT_INTERPROCESS | driver.CUevent_flags.CU_EVENT_DISABLE_TIMING
-            events = []
-            for _ in range(EVENT_RING):
-                event = call(driver.cuEventCreate, flags)
-                events.append((event, handle_bytes(call(driver.cuIpcGetEventHandle, event))))
+            events = _event_ring()
         registration = CudaRegistration(
-            device_uuid=uuid,
-            allocations=allocations,
-            tensor_allocations=tensor_allocations,
-            event_handle=events[0][1],
+            device_uuid=uuid, allocations=allocations, tensor_allocations=tensor_allocations
         )
         return cls(tensors, specs, registration, block_size, ordinal, events, context)
-
-    @property
-    def event_handle(self) -> bytes:
-        return self.registration.event_handle
 
     def register_request(self, instance_id: str) -> RegisterKVCache:
         return RegisterKVCache(
@@ -156,25 +163,37 @@ class CudaKVCacheExport:
         )
 
     def record_event(self, stream: torch.cuda.Stream | int | None = None) -> bytes:
-        """Record the ring's next interprocess event on ``stream`` (default: PyTorch's current
-        stream on the device) and return its handle, for ``Store.ipc_event`` /
+        """Record the next interprocess event of ``stream``'s ring (default stream: PyTorch's
+        current one on the device) and return its handle, for ``Store.ipc_event`` /
         ``Retrieve.ipc_event``: the request waits for the work enqueued on ``stream`` so far."""
-        if not self._events:
+        if self._closed:
             raise RuntimeError("record_event after close")
         if stream is None:
             stream = torch.cuda.current_stream(self.ordinal)
-        raw_stream = stream if isinstance(stream, int) else stream.cuda_stream
-        event, handle = self._events[self._next]
-        self._next = (self._next + 1) % len(self._events)
+        raw_stream = stream if isinstance(stream, int) else int(stream.cuda_stream)
         with _current_context(self._context):
+            ring = self._ring(raw_stream)
+            turn = self._next.get(raw_stream, 0)
+            self._next[raw_stream] = (turn + 1) % len(ring)
+            event, handle = ring[turn]
             call(driver.cuEventRecord, event, driver.CUstream(raw_stream))
         return handle
 
+    def _ring(self, raw_stream: int) -> list[tuple[Any, bytes]]:
+        """``raw_stream``'s ring (the one made at export for the first stream recorded on)."""
+        ring = self._rings.get(raw_stream)
+        if ring is None:
+            ring, self._spare = self._spare or _event_ring(), None
+            self._rings[raw_stream] = ring
+        return ring
+
     def close(self) -> None:
-        """Destroy this process's events. Call it once no request naming one is unanswered
-        (unregister first): what the server's opened copies mean afterwards is up to the driver."""
-        events, self._events = self._events, []
-        if events:
+        """Destroy this process's events. Call it once no request naming one is unanswered, after
+        UnregisterKVCache: its reply comes once the server has closed what it opened of them."""
+        rings, self._rings = [*self._rings.values(), self._spare or []], {}
+        if not self._closed:
+            self._closed, self._spare = True, None
             with _current_context(self._context):
-                for event, _ in events:
-                    call(driver.cuEventDestroy, event)
+                for ring in rings:
+                    for event, _ in ring:
+                        call(driver.cuEventDestroy, event)
