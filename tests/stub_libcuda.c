@@ -37,6 +37,7 @@ long stub_batch_calls, stub_memcpy_calls, stub_waits, stub_syncs, stub_queries, 
 long stub_ipc_open, stub_ipc_close, stub_live_streams, stub_live_events, stub_sync_sleep_us = 1000;
 long stub_copies_done;
 int stub_fail_batch, stub_fail_ipc_get, stub_gate_ipc_open, stub_gate_ipc_close;
+int stub_fail_sync;  /* what cuEventSynchronize returns once the work is done (700: an illegal address) */
 long stub_ipc_blocked, stub_gate_timeouts;
 static __thread void *current;
 static CUdeviceptr bases[4096]; static size_t sizes[4096]; static int nalloc;
@@ -201,7 +202,7 @@ CUresult cuEventSynchronize(void *e) {
     __sync_fetch_and_add(&stub_syncs, 1); usleep(stub_sync_sleep_us);
     pthread_mutex_lock(&lock);
     while (run_all(), live_event(e) && origin(e)->completed < origin(e)->recorded) wait_progress();
-    int ok = live_event(e); pthread_mutex_unlock(&lock); return ok ? 0 : 400; }
+    int ok = live_event(e); pthread_mutex_unlock(&lock); return ok ? stub_fail_sync : 400; }
 CUresult cuIpcGetEventHandle(Handle *h, void *e) {
     if (!live_event(e)) return 400; if (!(((Event *)e)->flags & 4)) return 1;  /* needs CU_EVENT_INTERPROCESS */
     memset(h, 0, 64); memcpy(h->reserved, "EVNT", 4); memcpy(h->reserved + 8, &e, sizeof(e)); return 0; }

@@ -152,19 +152,25 @@ class AdminApp:
             if not tier.healthy
         ]
 
+    def _broken(self) -> list[str]:
+        """What keeps the server from serving that only a restart mends."""
+        return (["shutting down"] if self.is_draining() else []) + self.engine.transfer.problems()
+
     async def _healthz(self, request: HTTPRequest) -> HTTPResponse:
-        """Liveness: 503 only when the server itself cannot serve (draining). Unhealthy L2 tiers
-        leave L1 serving, so they answer 200 "degraded": restarting would not mend them."""
-        if self.is_draining():
-            return json_response({"status": "unhealthy", "reasons": ["shutting down"]}, 503)
+        """Liveness: 503 only when the server itself cannot serve (draining, or a transfer
+        backend a restart would mend: a CUDA context a sticky error left unusable). Unhealthy
+        L2 tiers leave L1 serving, so they answer 200 "degraded": restarting would not mend them."""
+        broken = self._broken()
+        if broken:
+            return json_response({"status": "unhealthy", "reasons": broken}, 503)
         degraded = self._degraded_tiers()
         if degraded:
             return json_response({"status": "degraded", "reasons": degraded})
         return json_response({"status": "ok"})
 
     async def _readyz(self, request: HTTPRequest) -> HTTPResponse:
-        """Readiness: 503 while draining or while any L2 tier is unhealthy."""
-        reasons = (["shutting down"] if self.is_draining() else []) + self._degraded_tiers()
+        """Readiness: 503 while draining, the transfer backend is broken or an L2 tier is unhealthy."""
+        reasons = self._broken() + self._degraded_tiers()
         if reasons:
             return json_response({"status": "unhealthy", "reasons": reasons}, 503)
         return json_response({"status": "ok"})

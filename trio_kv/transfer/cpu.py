@@ -86,6 +86,10 @@ class CpuTransfer:
         """Shared-memory mappings are released as their objects go: nothing to wait for."""
         return True
 
+    def problems(self) -> list[str]:
+        """Why this backend cannot copy any more, which only a restart mends (none here)."""
+        return []
+
     async def wait_unmapped(self, cache: MappedKVCache, timeout_s: float = 10.0) -> bool:
         """Return once a retired ``cache`` maps nothing any more (CUDA: ``CudaTransfer``). The
         engine's memory stays valid under a shared-memory mapping, so here there is no wait."""

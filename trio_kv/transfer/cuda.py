@@ -306,6 +306,15 @@ class CudaTransfer(CpuTransfer):
         )
         return failure
 
+    def problems(self) -> list[str]:
+        """Devices whose context a sticky error (an illegal address, say) left unusable: every
+        copy on them fails until the server is restarted."""
+        return [
+            f"CUDA device {device.ordinal}: {device.failed}; its context is unusable, restart the server"
+            for device in self.devices
+            if device.failed is not None
+        ]
+
     async def wait_unmapped(self, cache: MappedKVCache, timeout_s: float = 10.0) -> bool:
         """Return once a retired CUDA ``cache`` has closed its IPC mappings (its copies have ended
         or stopped first); False if that took longer than ``timeout_s``."""

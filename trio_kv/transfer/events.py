@@ -68,6 +68,28 @@ POLL_FIRST_S, POLL_MAX_S = 20e-6, 1e-3  # backoff while polling the engine's eve
 UNREGISTERED_WHILE_WAITING = "the KV cache was unregistered while its copy waited for the engine's event"
 
 
+# After these the context is unusable: "any further CUDA work will return the same error. To
+# continue using CUDA, the process must be terminated and relaunched" (CUDA's CUresult docs).
+STICKY_ERRORS = frozenset(
+    int(getattr(driver.CUresult, name))
+    for name in (
+        "CUDA_ERROR_ECC_UNCORRECTABLE",
+        "CUDA_ERROR_ILLEGAL_ADDRESS",
+        "CUDA_ERROR_HARDWARE_STACK_ERROR",
+        "CUDA_ERROR_ILLEGAL_INSTRUCTION",
+        "CUDA_ERROR_MISALIGNED_ADDRESS",
+        "CUDA_ERROR_INVALID_ADDRESS_SPACE",
+        "CUDA_ERROR_INVALID_PC",
+        "CUDA_ERROR_LAUNCH_FAILED",
+    )
+    if hasattr(driver.CUresult, name)
+)
+
+
+class EngineEventError(CudaError):
+    """Querying the engine's event failed: the engine's trouble, not this server's context's."""
+
+
 class EngineEventTimeout(RuntimeError):
     """The engine's event did not complete in time: nothing was enqueued."""
 
@@ -105,10 +127,16 @@ class Device:
         self.handle = call(driver.cuDeviceGet, ordinal)
         self.uuid: bytes = call(driver.cuDeviceGetUuid, self.handle).bytes
         self.context: Any = call(driver.cuDevicePrimaryCtxRetain, self.handle)
+        self.failed: str | None = None  # the first sticky error: the context is unusable
 
     def activate(self) -> None:
         """Make this device's context current on the calling thread."""
         call(driver.cuCtxSetCurrent, self.context)
+
+    def note(self, exc: CudaError) -> None:
+        """Remember ``exc`` if it leaves this process's context unusable (``STICKY_ERRORS``)."""
+        if self.failed is None and int(exc.result) in STICKY_ERRORS:
+            self.failed = str(exc)
 
 
 def batch_attributes() -> Any:
@@ -203,7 +231,7 @@ def wait_for_event(event: Any, timeout_s: float, stop: threading.Event, retired:
         if result == driver.CUresult.CUDA_SUCCESS:
             return
         if result != driver.CUresult.CUDA_ERROR_NOT_READY:
-            raise CudaError("cuEventQuery (the engine's event)", result)
+            raise EngineEventError("cuEventQuery (the engine's event)", result)
         if stop.is_set():
             raise CopyAbandoned("cancelled while waiting for the engine's event")
         if retired.is_set():
@@ -239,6 +267,26 @@ def run_copies(
     """
     if retired.is_set():
         raise CopyAbandoned(UNREGISTERED_WHILE_WAITING)
+    try:
+        _run_copies(device, stream, engine_event, plan, to_host, copier, timeout_s, stop, retired)
+    except EngineEventError:
+        raise
+    except CudaError as exc:
+        device.note(exc)
+        raise
+
+
+def _run_copies(
+    device: Device,
+    stream: Any,
+    engine_event: Any,
+    plan: CopyPlan,
+    to_host: bool,
+    copier: Copier,
+    timeout_s: float,
+    stop: threading.Event,
+    retired: threading.Event,
+) -> None:
     device.activate()
     if engine_event is not None:
         wait_for_event(engine_event, timeout_s, stop, retired)
