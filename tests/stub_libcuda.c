@@ -169,6 +169,12 @@ CUresult cuStreamCreate(void **s, unsigned int f) {
     NEED_CTX; Stream *n = calloc(1, sizeof(Stream)); n->magic = LIVE;
     pthread_mutex_lock(&lock); streams[nstreams++] = n; pthread_mutex_unlock(&lock);
     *s = n; __sync_fetch_and_add(&stub_live_streams, 1); return 0; }
+CUresult cuCtxGetStreamPriorityRange(int *least, int *greatest) {
+    NEED_CTX; if (least) *least = 0; if (greatest) *greatest = -5; return 0; }
+long stub_priority_streams;
+CUresult cuStreamCreateWithPriority(void **s, unsigned int f, int priority) {
+    if (priority < -5 || priority > 0) return 1;
+    CUresult r = cuStreamCreate(s, f); if (!r && priority) __sync_fetch_and_add(&stub_priority_streams, 1); return r; }
 CUresult cuStreamDestroy(void *s) {
     if (!s || !live_stream(s)) return 400;
     pthread_mutex_lock(&lock); run_all(); ((Stream *)s)->magic = DEAD;  /* pending work is dropped */

@@ -223,7 +223,7 @@ async def test_cancelled_store_returns_only_once_its_copy_is_complete(transfer, 
         finished.set()
 
     cancel_scopes: list[trio.CancelScope] = []
-    with gated(transfer, device_kv.cache.stream) as gate:
+    with gated(transfer, device_kv.cache.store_stream) as gate:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(store_then_note)
             await trio.testing.wait_all_tasks_blocked()

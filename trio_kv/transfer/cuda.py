@@ -9,7 +9,8 @@ so one server serves both kinds of engine. For a CUDA registration it
   thread (``aopen``), and derives the copy plan from the tensor descriptions
   (``plan.device_layout``); a cache no longer used is released (IPC handles
   closed) by the backend's releaser thread (``cuda_release``), never on the loop;
-- creates one non-blocking stream per registered instance; before a copy the
+- creates two non-blocking streams per registered instance, one for stores and
+  one, at the device's greatest priority, for retrieves; before a copy the
   worker thread waits, bounded by ``copy_timeout_s``, for the engine's
   interprocess event: the one sent with the request, else the one sent at
   registration, else none (the engine then must have synchronised before
@@ -292,7 +293,7 @@ class CudaTransfer(CpuTransfer):
         stop = threading.Event()
         args = (
             cache.device,
-            cache.stream,
+            cache.store_stream if to_host else cache.retrieve_stream,
             engine_event,
             plan,
             to_host,

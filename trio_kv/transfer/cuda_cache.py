@@ -119,7 +119,8 @@ class Releaser:
 
 
 class MappedCudaKVCache(MappedKVCache):
-    """A registered CUDA KV cache: device-address layout, its device and its own stream.
+    """A registered CUDA KV cache: device-address layout, its device and its own streams (one
+    per direction, retrieves at the device's greatest priority).
 
     Subclasses MappedKVCache only so the engine, typed against the CPU path, accepts
     it; it has no host views, so the CPU gather/scatter refuse it. Driver objects
@@ -137,8 +138,14 @@ class MappedCudaKVCache(MappedKVCache):
         self._resources = resources
         self._release = weakref.finalize(self, releaser.submit, resources)
         device.activate()
-        self.stream = call(driver.cuStreamCreate, driver.CUstream_flags.CU_STREAM_NON_BLOCKING)
-        resources.streams.append(self.stream)
+        # One stream per direction: a retrieve (the engine waits for it before its forward pass)
+        # never queues behind stores' copies, and the two directions' copy engines run at once.
+        flags = driver.CUstream_flags.CU_STREAM_NON_BLOCKING
+        _, greatest = call(driver.cuCtxGetStreamPriorityRange)
+        self.store_stream = call(driver.cuStreamCreate, flags)
+        resources.streams.append(self.store_stream)
+        self.retrieve_stream = call(driver.cuStreamCreateWithPriority, flags, greatest)
+        resources.streams.append(self.retrieve_stream)
         self.registered_event: Any = None
         self._events: OrderedDict[bytes, Any] = OrderedDict()
         self._holds: dict[bytes, int] = {}  # copies (queued or running) that need the event
