@@ -32,6 +32,8 @@ def features() -> list[str]:
         "cuGetProcAddress",
         "cuDeviceGetUuid",
         "cuStreamWaitValue32",
+        "cuStreamCreateWithPriority",
+        "cuCtxGetStreamPriorityRange",
     ):
         if not hasattr(driver, name):
             missing.append(f"driver.{name}")
