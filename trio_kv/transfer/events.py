@@ -268,7 +268,10 @@ def run_copies(
     if retired.is_set():
         raise CopyAbandoned(UNREGISTERED_WHILE_WAITING)
     try:
-        _run_copies(device, stream, engine_event, plan, to_host, copier, timeout_s, stop, retired)
+        device.activate()
+        if engine_event is not None:
+            wait_for_event(engine_event, timeout_s, stop, retired)
+        _copy_and_wait(stream, plan, to_host, copier)
     except EngineEventError:
         raise
     except CudaError as exc:
@@ -276,20 +279,8 @@ def run_copies(
         raise
 
 
-def _run_copies(
-    device: Device,
-    stream: Any,
-    engine_event: Any,
-    plan: CopyPlan,
-    to_host: bool,
-    copier: Copier,
-    timeout_s: float,
-    stop: threading.Event,
-    retired: threading.Event,
-) -> None:
-    device.activate()
-    if engine_event is not None:
-        wait_for_event(engine_event, timeout_s, stop, retired)
+def _copy_and_wait(stream: Any, plan: CopyPlan, to_host: bool, copier: Copier) -> None:
+    """Enqueue the plan's pieces and block until they are complete (also when enqueueing failed)."""
     flags = driver.CUevent_flags.CU_EVENT_DISABLE_TIMING | driver.CUevent_flags.CU_EVENT_BLOCKING_SYNC
     done = call(driver.cuEventCreate, flags)
     failure: Exception | None = None
