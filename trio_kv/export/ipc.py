@@ -34,6 +34,7 @@ engine subprocess where a GPU is present).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -100,11 +101,10 @@ class CudaKVCacheExport:
         self.registration = registration
         self.block_size = block_size
         self.ordinal = ordinal
-        self._rings: dict[int, list[tuple[Any, bytes]]] = {}  # per raw stream: (CUevent, handle)
+        self._events = list(events)  # (CUevent, handle): every event made, destroyed at close
         self._spare: list[tuple[Any, bytes]] | None = events  # made at export: the first stream's
-        self._next: dict[int, int] = {}
+        self._rings: dict[int, Iterator[tuple[Any, bytes]]] = {}  # per raw stream, in turn
         self._context = context  # the primary context, retained once
-        self._closed = False
 
     @classmethod
     def from_tensors(
@@ -166,34 +166,33 @@ class CudaKVCacheExport:
         """Record the next interprocess event of ``stream``'s ring (default stream: PyTorch's
         current one on the device) and return its handle, for ``Store.ipc_event`` /
         ``Retrieve.ipc_event``: the request waits for the work enqueued on ``stream`` so far."""
-        if self._closed:
+        if not self._events:
             raise RuntimeError("record_event after close")
         if stream is None:
             stream = torch.cuda.current_stream(self.ordinal)
         raw_stream = stream if isinstance(stream, int) else int(stream.cuda_stream)
         with _current_context(self._context):
-            ring = self._ring(raw_stream)
-            turn = self._next.get(raw_stream, 0)
-            self._next[raw_stream] = (turn + 1) % len(ring)
-            event, handle = ring[turn]
+            event, handle = next(self._ring(raw_stream))
             call(driver.cuEventRecord, event, driver.CUstream(raw_stream))
         return handle
 
-    def _ring(self, raw_stream: int) -> list[tuple[Any, bytes]]:
-        """``raw_stream``'s ring (the one made at export for the first stream recorded on)."""
+    def _ring(self, raw_stream: int) -> Iterator[tuple[Any, bytes]]:
+        """``raw_stream``'s ring, in turn (the one made at export for the first stream recorded on)."""
         ring = self._rings.get(raw_stream)
         if ring is None:
-            ring, self._spare = self._spare or _event_ring(), None
-            self._rings[raw_stream] = ring
+            if self._spare is not None:
+                events, self._spare = self._spare, None
+            else:
+                events = _event_ring()
+                self._events.extend(events)
+            ring = self._rings[raw_stream] = itertools.cycle(events)
         return ring
 
     def close(self) -> None:
         """Destroy this process's events. Call it once no request naming one is unanswered, after
         UnregisterKVCache: its reply comes once the server has closed what it opened of them."""
-        rings, self._rings = [*self._rings.values(), self._spare or []], {}
-        if not self._closed:
-            self._closed, self._spare = True, None
+        events, self._events, self._rings, self._spare = self._events, [], {}, None
+        if events:
             with _current_context(self._context):
-                for ring in rings:
-                    for event, _ in ring:
-                        call(driver.cuEventDestroy, event)
+                for event, _ in events:
+                    call(driver.cuEventDestroy, event)
