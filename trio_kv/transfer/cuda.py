@@ -268,17 +268,9 @@ class CudaTransfer(CpuTransfer):
         if not len(plan):
             return
         self._check_pinned(jobs)
-        cache.copy_started()
-        try:
-            engine_event = cache.hold_event(ipc_event) if ipc_event else cache.registered_event
-            try:
-                async with self.copy_slots:
-                    failure = await self._run_copies(cache, engine_event, plan, to_host)
-            finally:
-                if ipc_event:
-                    cache.release_event(ipc_event)
-        finally:
-            cache.copy_ended()
+        with cache.copying(ipc_event) as engine_event:
+            async with self.copy_slots:
+                failure = await self._run_copies(cache, engine_event, plan, to_host)
         if failure is None and to_host and cache.retired.is_set():
             # A dead engine's event may have completed with its blocks half written: keep nothing.
             failure = "the KV cache was unregistered during the copy (engine gone?); nothing is kept"
@@ -321,8 +313,7 @@ class CudaTransfer(CpuTransfer):
         or stopped first); False if that took longer than ``timeout_s``."""
         if not isinstance(cache, MappedCudaKVCache) or cache.released.is_set():
             return True
-        released = cache.released
-        return await trio.to_thread.run_sync(released.wait, timeout_s, abandon_on_cancel=True)
+        return await trio.to_thread.run_sync(cache.released.wait, timeout_s, abandon_on_cancel=True)
 
     # ------------------------------------------------------------ shutdown
 

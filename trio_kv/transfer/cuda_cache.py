@@ -18,12 +18,13 @@ memory (or destroy events) another process still has open.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from cuda.bindings import driver
@@ -169,16 +170,27 @@ class MappedCudaKVCache(MappedKVCache):
         if not self._copies:
             self._release()
 
-    def copy_started(self) -> None:
-        """A copy holds the cache until ``copy_ended``; refused once it is retired."""
+    @contextlib.contextmanager
+    def copying(self, ipc_event: bytes) -> Iterator[Any]:
+        """Hold the cache, and the request's ``ipc_event`` if it sent one, for one copy; yields
+        the engine's event to wait for (that one, else the registration's, else None). Refused
+        once the cache is retired; the last copy to end on a retired cache releases it."""
         if self.retired.is_set():
             raise TrioKVError(ErrorCode.UNKNOWN_INSTANCE, "the KV cache was unregistered")
         self._copies += 1
-
-    def copy_ended(self) -> None:
-        self._copies -= 1
-        if not self._copies and self.retired.is_set():
-            self._release()
+        try:
+            if not ipc_event:
+                yield self.registered_event
+                return
+            event = self.hold_event(ipc_event)
+            try:
+                yield event
+            finally:
+                self.release_event(ipc_event)
+        finally:
+            self._copies -= 1
+            if not self._copies and self.retired.is_set():
+                self._release()
 
     def gather(self, jobs: Sequence[CopyJob], part: int = 0, parts: int = 1) -> None:
         raise TypeError("a CUDA KV cache is copied by CudaTransfer, not by the CPU path")
