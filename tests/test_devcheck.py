@@ -7,6 +7,7 @@ tests only read its scripts, and call its bench-summary parser on what ``bench g
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import re
 import shlex
@@ -119,3 +120,14 @@ def test_the_scripts_parse_and_name_files_that_exist(script):
     subprocess.run(["bash", "-n", str(path)], check=True, capture_output=True, timeout=30)
     for named in re.findall(r"(?<![\w$/.-])((?:tests|devcheck)/[\w./-]+\.(?:c|py|sh))", path.read_text()):
         assert (ROOT / named).is_file(), (script, named)
+
+
+def test_the_preflight_asks_for_every_driver_name_trio_kv_uses_and_the_installed_bindings_have_them():
+    pytest.importorskip("cuda.bindings")
+    spec = importlib.util.spec_from_file_location("dc_preflight", DEVCHECK / "dc_preflight.py")
+    assert spec is not None and spec.loader is not None
+    preflight = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(preflight)
+    used = preflight.driver_names_used()
+    assert {"cuIpcOpenMemHandle", "cuStreamCreateWithPriority", "CUmemcpyAttributes"} <= used  # a scan
+    assert preflight.features() == []
